@@ -1,0 +1,41 @@
+//! Progress bars on a terminal; nothing when stderr is not one (CI, pipes, files).
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+fn on_terminal(bar: ProgressBar) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// A bar over the training images of one epoch.
+pub fn epoch_bar(images: usize, epoch: usize, epochs: usize) -> ProgressBar {
+    let bar = on_terminal(ProgressBar::new(images as u64));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}",
+        )
+        .expect("valid progress template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    bar
+}
+
+/// A bar over the bytes of one download (a spinner when the size is unknown).
+pub fn download_bar(bytes: Option<u64>, url: &str) -> ProgressBar {
+    let bar = on_terminal(match bytes {
+        Some(len) => ProgressBar::new(len),
+        None => ProgressBar::new_spinner(),
+    });
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("valid progress template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(url.rsplit('/').next().unwrap_or(url).to_string());
+    bar
+}

@@ -1,0 +1,134 @@
+//! The training loop: one epoch of shuffled mini-batches, and evaluation.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarMap;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::Config;
+use crate::data::Tensors;
+use crate::models::{self, Classifier};
+use crate::optim::{self, Optimizer};
+
+/// Mean loss and accuracy over a set of images.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// A model, its variables and its optimiser, with the state of the run.
+pub struct Trainer {
+    pub model: Box<dyn Classifier>,
+    pub varmap: VarMap,
+    optimizer: Optimizer,
+    config: Config,
+    shuffle_rng: ChaCha8Rng,
+    /// Optimiser steps taken so far (PyTorch's BatchNorm `num_batches_tracked`).
+    pub steps: u64,
+}
+
+impl Trainer {
+    pub fn new(config: &Config, input_side: usize, device: &Device) -> Result<Trainer> {
+        let varmap = VarMap::new();
+        let model = models::build(&config.model, input_side, config.seed, &varmap, device)?;
+        let optimizer = Optimizer::new(&config.optimizer, &varmap);
+        Ok(Trainer {
+            model,
+            varmap,
+            optimizer,
+            config: config.clone(),
+            shuffle_rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0x5_4FF1E),
+            steps: 0,
+        })
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        models::parameter_count(&self.varmap)
+    }
+
+    /// The learning rate `epochs_done` (fractional) epochs into the run.
+    pub fn learning_rate(&self, epochs_done: f64) -> f64 {
+        optim::learning_rate(
+            &self.config.schedule,
+            self.config.optimizer.lr(),
+            epochs_done,
+            self.config.train.epochs,
+        )
+    }
+
+    /// Trains one epoch (`epoch` counts from 0) over `train` in a fresh seeded order;
+    /// `on_batch` hears the number of images of each batch done.
+    pub fn train_epoch(
+        &mut self,
+        train: &Tensors,
+        epoch: usize,
+        mut on_batch: impl FnMut(usize),
+    ) -> Result<Score> {
+        let mut order: Vec<u32> = (0..train.len() as u32).collect();
+        order.shuffle(&mut self.shuffle_rng);
+        let batch_size = self.config.train.batch_size;
+        let batches = order.len().div_ceil(batch_size);
+        let device = train.images.device();
+        // Sums stay on the device and are read once per epoch: no sync per batch.
+        let mut loss_sum = Tensor::zeros((), DType::F32, device)?;
+        let mut correct = Tensor::zeros((), DType::F32, device)?;
+        let mut seen = 0usize;
+        for (index, chunk) in order.chunks(batch_size).enumerate() {
+            // A batch of one has no batch variance for BatchNorm: skip that remainder.
+            if chunk.len() < 2 && self.config.model.batch_norm {
+                continue;
+            }
+            let lr = self.learning_rate(epoch as f64 + index as f64 / batches as f64);
+            let indices = Tensor::from_slice(chunk, chunk.len(), device)?;
+            let (images, labels) = train.gather(&indices)?;
+            let logits = self.model.logits(&images, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            self.optimizer.step(&loss.backward()?, lr)?;
+            self.steps += 1;
+            loss_sum = (loss_sum + (loss.detach() * chunk.len() as f64)?)?;
+            correct = (correct + count_correct(&logits.detach(), &labels)?)?;
+            seen += chunk.len();
+            on_batch(chunk.len());
+        }
+        Ok(Score {
+            loss: loss_sum.to_scalar::<f32>()? as f64 / seen as f64,
+            accuracy: correct.to_scalar::<f32>()? as f64 / seen as f64,
+        })
+    }
+
+    /// Loss and accuracy on `set` in evaluation mode (running BatchNorm statistics,
+    /// no dropout).
+    pub fn evaluate(&self, set: &Tensors) -> Result<Score> {
+        evaluate(self.model.as_ref(), set, self.config.train.eval_batch_size)
+    }
+}
+
+/// Loss and accuracy of `model` on `set`, in batches of `batch_size`.
+pub fn evaluate(model: &dyn Classifier, set: &Tensors, batch_size: usize) -> Result<Score> {
+    let device = set.images.device();
+    let mut loss_sum = Tensor::zeros((), DType::F32, device)?;
+    let mut correct = Tensor::zeros((), DType::F32, device)?;
+    let n = set.len();
+    for start in (0..n).step_by(batch_size) {
+        let len = batch_size.min(n - start);
+        let (images, labels) = set.range(start, len)?;
+        let logits = model.logits(&images, false)?.detach();
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        loss_sum = (loss_sum + (loss * len as f64)?)?;
+        correct = (correct + count_correct(&logits, &labels)?)?;
+    }
+    Ok(Score {
+        loss: loss_sum.to_scalar::<f32>()? as f64 / n as f64,
+        accuracy: correct.to_scalar::<f32>()? as f64 / n as f64,
+    })
+}
+
+/// Number of rows whose largest logit is the label, as an f32 scalar tensor.
+fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    models::predictions(logits)?
+        .eq(labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()
+}
