@@ -23,7 +23,10 @@ pub fn to_bytes(varmap: &VarMap, batches_trained: u64) -> candle_core::Result<Ve
     let vars = varmap.data().lock().expect("varmap lock");
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in vars.iter() {
-        tensors.insert(name.clone(), var.as_detached_tensor().to_device(&Device::Cpu)?);
+        tensors.insert(
+            name.clone(),
+            var.as_detached_tensor().to_device(&Device::Cpu)?,
+        );
         if let Some(layer) = name.strip_suffix(".running_mean") {
             let counter = Tensor::new(batches_trained as i64, &Device::Cpu)?;
             tensors.insert(format!("{layer}.num_batches_tracked"), counter);
@@ -48,12 +51,11 @@ pub fn save(varmap: &VarMap, batches_trained: u64, path: &Path) -> Result<(), Ch
 /// the file with the same shape (extra counters such as `num_batches_tracked` are ignored).
 pub fn load(varmap: &VarMap, path: &Path) -> Result<(), CheckpointError> {
     let shown = path.display().to_string();
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-        CheckpointError::Read {
+    let tensors =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| CheckpointError::Read {
             path: shown.clone(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let mismatch = |reason: String| CheckpointError::Mismatch {
         path: shown.clone(),
         reason,
@@ -110,18 +112,31 @@ mod tests {
     fn save_then_load_restores_every_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
-        let config = ModelConfig { kind: ModelKind::Lenet5, batch_norm: true, dropout: 0.0 };
+        let config = ModelConfig {
+            kind: ModelKind::Lenet5,
+            batch_norm: true,
+            dropout: 0.0,
+        };
         let source = VarMap::new();
         crate::models::build(&config, 32, 1, &source, &Device::Cpu).unwrap();
         save(&source, 17, &path).unwrap();
 
         let raw = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-        assert_eq!(raw["bn2.num_batches_tracked"].to_scalar::<i64>().unwrap(), 17);
+        assert_eq!(
+            raw["bn2.num_batches_tracked"].to_scalar::<i64>().unwrap(),
+            17
+        );
 
         let target = VarMap::new();
         crate::models::build(&config, 32, 2, &target, &Device::Cpu).unwrap();
         load(&target, &path).unwrap();
-        let value = |m: &VarMap| m.data().lock().unwrap()["conv2.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let value = |m: &VarMap| {
+            m.data().lock().unwrap()["conv2.weight"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         assert_eq!(value(&source), value(&target));
     }
 
@@ -133,11 +148,16 @@ mod tests {
         crate::models::build(&ModelConfig::default(), 32, 1, &lenet, &Device::Cpu).unwrap();
         save(&lenet, 0, &path).unwrap();
         let mlp = VarMap::new();
-        let config = ModelConfig { kind: ModelKind::CustomMlp, ..Default::default() };
+        let config = ModelConfig {
+            kind: ModelKind::CustomMlp,
+            ..Default::default()
+        };
         crate::models::build(&config, 32, 1, &mlp, &Device::Cpu).unwrap();
         let err = load(&mlp, &path).unwrap_err().to_string();
         assert!(err.contains("m.safetensors") && err.contains("fc"), "{err}");
-        let err = load(&mlp, &dir.path().join("none.safetensors")).unwrap_err().to_string();
+        let err = load(&mlp, &dir.path().join("none.safetensors"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("none.safetensors"), "{err}");
     }
 }

@@ -87,7 +87,10 @@ pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray> {
         reason,
     };
     if bytes.len() < 4 {
-        return Err(bad(format!("{} bytes is too short for a header", bytes.len())));
+        return Err(bad(format!(
+            "{} bytes is too short for a header",
+            bytes.len()
+        )));
     }
     // Magic: two zero bytes, the element type (0x08 = unsigned byte), the rank.
     if bytes[0] != 0 || bytes[1] != 0 {
@@ -197,7 +200,9 @@ pub fn locate_or_download(configured: Option<&Path>) -> Result<PathBuf> {
 
 fn mirrors() -> Vec<String> {
     match std::env::var("MNIST_MIRRORS") {
-        Ok(list) if !list.trim().is_empty() => list.split(',').map(|m| m.trim().to_string()).collect(),
+        Ok(list) if !list.trim().is_empty() => {
+            list.split(',').map(|m| m.trim().to_string()).collect()
+        }
         _ => DEFAULT_MIRRORS.iter().map(|m| m.to_string()).collect(),
     }
 }
@@ -205,24 +210,23 @@ fn mirrors() -> Vec<String> {
 /// Downloads the missing files into `dir`, verifying each by the SHA-256 of its
 /// decompressed bytes before it is renamed into place.
 pub fn download_mnist(dir: &Path, mirrors: &[String]) -> std::result::Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Fetch everything first: a failed download leaves no directory or file behind.
+    let mut fetched = Vec::new();
     for (stem, sha) in MNIST_FILES {
         if find_file(dir, stem).is_some() {
             continue;
         }
         let mut errors = Vec::new();
-        let fetched = mirrors.iter().find_map(|mirror| {
+        let bytes = mirrors.iter().find_map(|mirror| {
             let url = format!("{}/{stem}.gz", mirror.trim_end_matches('/'));
-            match fetch_verified(&url, sha) {
-                Ok(bytes) => Some(bytes),
-                Err(e) => {
-                    tracing::warn!(%url, error = %e, "download failed");
-                    errors.push(format!("{url}: {e}"));
-                    None
-                }
-            }
+            fetch_verified(&url, sha)
+                .inspect_err(|e| errors.push(format!("{url}: {e}")))
+                .ok()
         });
-        let bytes = fetched.ok_or_else(|| errors.join("; "))?;
+        fetched.push((stem, bytes.ok_or_else(|| errors.join("; "))?));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    for (stem, bytes) in fetched {
         crate::rundir::write_atomic(&dir.join(format!("{stem}.gz")), &bytes)
             .map_err(|e| e.to_string())?;
     }
@@ -336,7 +340,10 @@ pub fn read_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<Sp
 /// error, so users' own 28x28 ten-class files train too.
 fn read_checked(path: &Path, stem: &str) -> Result<IdxArray> {
     let bytes = read_maybe_gzip(path)?;
-    let expected = MNIST_FILES.iter().find(|(s, _)| *s == stem).map(|(_, sha)| *sha);
+    let expected = MNIST_FILES
+        .iter()
+        .find(|(s, _)| *s == stem)
+        .map(|(_, sha)| *sha);
     if expected.is_some_and(|sha| sha256_hex(&bytes) != sha) {
         tracing::warn!(file = %path.display(), "SHA-256 differs from the published MNIST file; using it anyway");
     }
@@ -384,11 +391,11 @@ impl Tensors {
     }
 
     /// Examples `start..start + len` as views, without copying.
-    pub fn range(&self, start: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((
-            self.images.narrow(0, start, len)?,
-            self.labels.narrow(0, start, len)?,
-        ))
+    pub fn slice(&self, start: usize, len: usize) -> candle_core::Result<Tensors> {
+        Ok(Tensors {
+            images: self.images.narrow(0, start, len)?,
+            labels: self.labels.narrow(0, start, len)?,
+        })
     }
 }
 
@@ -431,14 +438,17 @@ impl Datasets {
         // The split has its own stream so it does not move when other seeded parts change.
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_5A17));
         let (validation_idx, train_idx) = order.split_at(config.validation_size);
-        let train_len = config.train_size.map_or(train_idx.len(), |s| s.min(train_idx.len()));
-        let test_len = config.test_size.map_or(mnist.test.len(), |s| s.min(mnist.test.len()));
+        let train_len = config
+            .train_size
+            .map_or(train_idx.len(), |s| s.min(train_idx.len()));
+        let test_len = config
+            .test_size
+            .map_or(mnist.test.len(), |s| s.min(mnist.test.len()));
         let test_idx: Vec<usize> = (0..test_len).collect();
         let side = if config.pad_to_32 { 32 } else { MNIST_SIDE };
         let to_tensors = |split: Split| {
-            to_tensors(&split, side, config.normalize, device).map_err(|e| {
-                DataError::Config(format!("cannot build tensors on {device:?}: {e}"))
-            })
+            to_tensors(&split, side, config.normalize, device)
+                .map_err(|e| DataError::Config(format!("cannot build tensors on {device:?}: {e}")))
         };
         Ok(Datasets {
             train: to_tensors(mnist.train.select(&train_idx[..train_len]))?,
@@ -460,7 +470,11 @@ pub fn to_tensors(
 ) -> candle_core::Result<Tensors> {
     let n = split.len();
     let pad = (side - MNIST_SIDE) / 2;
-    let (mean, std) = if normalize { (MNIST_MEAN, MNIST_STD) } else { (0.0, 1.0) };
+    let (mean, std) = if normalize {
+        (MNIST_MEAN, MNIST_STD)
+    } else {
+        (0.0, 1.0)
+    };
     let background = (0.0 - mean) / std;
     let mut pixels = vec![background; n * side * side];
     for (image, out) in split
@@ -523,15 +537,29 @@ mod tests {
         }
     }
 
-    fn write_split(dir: &Path, prefix: &str, images: &[u8], n_images: u32, labels: &[u8], gzip: bool) {
+    fn write_split(
+        dir: &Path,
+        prefix: &str,
+        images: &[u8],
+        n_images: u32,
+        labels: &[u8],
+        gzip: bool,
+    ) {
         let files = [
-            (format!("{prefix}-images-idx3-ubyte"), idx_bytes(&[n_images, 28, 28], images)),
-            (format!("{prefix}-labels-idx1-ubyte"), idx_bytes(&[labels.len() as u32], labels)),
+            (
+                format!("{prefix}-images-idx3-ubyte"),
+                idx_bytes(&[n_images, 28, 28], images),
+            ),
+            (
+                format!("{prefix}-labels-idx1-ubyte"),
+                idx_bytes(&[labels.len() as u32], labels),
+            ),
         ];
         for (stem, bytes) in files {
             if gzip {
                 use std::io::Write;
-                let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 enc.write_all(&bytes).unwrap();
                 std::fs::write(dir.join(format!("{stem}.gz")), enc.finish().unwrap()).unwrap();
             } else {
@@ -546,22 +574,40 @@ mod tests {
         let images: Vec<u8> = (0..3 * 784).map(|i| (i % 256) as u8).collect();
         write_split(dir.path(), "train", &images, 3, &[0, 9, 4], true);
         write_split(dir.path(), "t10k", &images[..784], 1, &[7], false);
-        let split = read_split(dir.path(), "train-images-idx3-ubyte", "train-labels-idx1-ubyte").unwrap();
+        let split = read_split(
+            dir.path(),
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+        )
+        .unwrap();
         assert_eq!(split.labels, vec![0, 9, 4]);
         assert_eq!(split.images, images);
-        let test = read_split(dir.path(), "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte").unwrap();
+        let test = read_split(
+            dir.path(),
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+        .unwrap();
         assert_eq!(test.labels, vec![7]);
 
         write_split(dir.path(), "t10k", &images[..784], 1, &[12], false);
-        let err = read_split(dir.path(), "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-            .unwrap_err()
-            .to_string();
+        let err = read_split(
+            dir.path(),
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("label 12"), "{err}");
 
         write_split(dir.path(), "t10k", &images[..784], 1, &[1, 2], false);
-        let err = read_split(dir.path(), "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-            .unwrap_err()
-            .to_string();
+        let err = read_split(
+            dir.path(),
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("1 images but 2 labels"), "{err}");
     }
 
@@ -569,7 +615,10 @@ mod tests {
     fn pads_and_normalises() {
         let mut image = vec![0u8; 784];
         image[0] = 255;
-        let split = Split { images: image, labels: vec![3] };
+        let split = Split {
+            images: image,
+            labels: vec![3],
+        };
         let tensors = to_tensors(&split, 32, true, &Device::Cpu).unwrap();
         assert_eq!(tensors.images.dims(), &[1, 1, 32, 32]);
         let pixels: Vec<f32> = tensors.images.flatten_all().unwrap().to_vec1().unwrap();
@@ -586,12 +635,26 @@ mod tests {
         let images: Vec<u8> = (0..n * 784).map(|i| (i / 784) as u8).collect();
         let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
         let mnist = Mnist {
-            train: Split { images: images.clone(), labels: labels.clone() },
+            train: Split {
+                images: images.clone(),
+                labels: labels.clone(),
+            },
             test: Split { images, labels },
         };
-        let config = DataConfig { validation_size: 10, ..DataConfig::default() };
+        let config = DataConfig {
+            validation_size: 10,
+            ..DataConfig::default()
+        };
         let first_pixel = |t: &Tensors| -> Vec<f32> {
-            t.images.narrow(3, 2, 1).unwrap().narrow(2, 2, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            t.images
+                .narrow(3, 2, 1)
+                .unwrap()
+                .narrow(2, 2, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
         };
         let a = Datasets::prepare(&mnist, &config, 1, &Device::Cpu, PathBuf::new()).unwrap();
         let b = Datasets::prepare(&mnist, &config, 1, &Device::Cpu, PathBuf::new()).unwrap();
@@ -606,6 +669,10 @@ mod tests {
             .map(|p| ((p * MNIST_STD + MNIST_MEAN) * 255.0).round() as i64)
             .collect();
         all.sort();
-        assert_eq!(all, (0..n as i64).collect::<Vec<_>>(), "train and validation partition the set");
+        assert_eq!(
+            all,
+            (0..n as i64).collect::<Vec<_>>(),
+            "train and validation partition the set"
+        );
     }
 }

@@ -84,7 +84,10 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     fn cuda_without_the_feature_names_the_fix() {
         let err = select(DeviceSpec::Cuda(1)).unwrap_err().to_string();
-        assert!(err.contains("cuda:1") && err.contains("--features cuda"), "{err}");
+        assert!(
+            err.contains("cuda:1") && err.contains("--features cuda"),
+            "{err}"
+        );
         assert!(matches!(select(DeviceSpec::Auto), Ok(Device::Cpu)));
     }
 }

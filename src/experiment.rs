@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::Device;
 
 use crate::checkpoint;
-use crate::config::Config;
+use crate::config::{Config, Override};
 use crate::data::Datasets;
 use crate::device;
 use crate::plots;
@@ -135,12 +135,23 @@ fn train_and_test(
                 metrics.val_loss
             );
         }
-        if summary.best_val_acc.is_none_or(|best| metrics.val_acc > best) {
+        if summary
+            .best_val_acc
+            .is_none_or(|best| metrics.val_acc > best)
+        {
             summary.best_val_acc = Some(metrics.val_acc);
             summary.best_epoch = Some(epoch);
-            checkpoint::save(&trainer.varmap, trainer.steps, &run.file(rundir::BEST_CHECKPOINT))?;
+            checkpoint::save(
+                &trainer.varmap,
+                trainer.steps,
+                &run.file(rundir::BEST_CHECKPOINT),
+            )?;
         }
-        checkpoint::save(&trainer.varmap, trainer.steps, &run.file(rundir::LAST_CHECKPOINT))?;
+        checkpoint::save(
+            &trainer.varmap,
+            trainer.steps,
+            &run.file(rundir::LAST_CHECKPOINT),
+        )?;
         history.push(metrics);
         summary.epochs_completed = epoch;
         run.write_metrics(&history)?;
@@ -176,10 +187,14 @@ fn round(value: f64, decimals: i32) -> f64 {
     (value * scale).round() / scale
 }
 
-/// Evaluates a saved run's best checkpoint on `device`: used to check that a
-/// checkpoint reproduces its summary.
-pub fn evaluate_checkpoint(run_dir: &Path, device: &Device) -> anyhow::Result<Score> {
-    let config = Config::load(&run_dir.join(rundir::CONFIG_FILE), &[])?;
+/// Evaluates a saved run's best checkpoint on the test set, with its saved config
+/// plus `overrides` (say, `data.dir`), on `device`.
+pub fn evaluate_checkpoint(
+    run_dir: &Path,
+    overrides: &[Override],
+    device: &Device,
+) -> anyhow::Result<Score> {
+    let config = Config::load(&run_dir.join(rundir::CONFIG_FILE), overrides)?;
     let data = Datasets::load(&config.data, config.seed, device)?;
     let trainer = Trainer::new(&config, data.side, device)?;
     checkpoint::load(&trainer.varmap, &run_dir.join(rundir::BEST_CHECKPOINT))?;

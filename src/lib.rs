@@ -6,6 +6,7 @@
 //! network, [`optim`] updates it, [`train`] loops over epochs, [`experiment`]
 //! ties them to a [`rundir`] with [`checkpoint`]s and [`plots`].
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -5,10 +5,14 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use mnist_lab::config::{Config, Override};
-use mnist_lab::{device, experiment, telemetry};
+use mnist_lab::{bench, device, experiment, telemetry};
 
 #[derive(Parser)]
-#[command(name = "mnist-lab", version, about = "Train MNIST classifiers with Candle from TOML configs")]
+#[command(
+    name = "mnist-lab",
+    version,
+    about = "Train MNIST classifiers with Candle from TOML configs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,6 +24,30 @@ enum Command {
     Run(RunArgs),
     /// Print a config with every default and override resolved, without running it.
     Config(ConfigArgs),
+    /// Measure training and evaluation throughput (images/s).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Models to measure (lenet5, lenet5_reg, custom_mlp); default all three.
+    #[arg(long = "model", value_name = "M")]
+    models: Vec<String>,
+    /// Training batch sizes; default 64 and 256.
+    #[arg(long = "batch-size", value_name = "B")]
+    batch_sizes: Vec<usize>,
+    /// CPU threads (0 = one per core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: usize,
+    /// Timed training steps per measurement.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    steps: usize,
+    /// Where the figures are written as JSON.
+    #[arg(long, value_name = "FILE", default_value = "runs/bench.json")]
+    output: PathBuf,
+    /// Data directory (default: $MNIST_DIR, then data/mnist).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -61,6 +89,7 @@ impl Command {
                 print!("{}", args.load()?.to_toml());
                 Ok(())
             }
+            Command::Bench(args) => args.execute(),
             Command::Run(args) => {
                 let mut config = args.config.load()?;
                 if let Some(threads) = args.threads {
@@ -87,5 +116,32 @@ impl Command {
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<Config> {
         Ok(Config::load(&self.config, &self.set)?)
+    }
+}
+
+impl BenchArgs {
+    fn execute(self) -> anyhow::Result<()> {
+        device::set_cpu_threads(self.threads);
+        let models = if self.models.is_empty() {
+            bench::PRESETS.iter().map(|m| m.to_string()).collect()
+        } else {
+            self.models
+        };
+        let batch_sizes = if self.batch_sizes.is_empty() {
+            vec![64, 256]
+        } else {
+            self.batch_sizes
+        };
+        let report = bench::run(&models, &batch_sizes, self.steps, self.data_dir.as_deref())?;
+        if let [only] = report.results.as_slice() {
+            // The PyTorch reference's format, for scripts that compare the two.
+            println!("train_images_per_s={:.0}", only.train_images_per_s);
+            println!("eval_images_per_s={:.0}", only.eval_images_per_s);
+        } else {
+            print!("{}", report.table());
+        }
+        report.write_json(&self.output)?;
+        eprintln!("figures written to {}", self.output.display());
+        Ok(())
     }
 }

@@ -94,7 +94,10 @@ impl LeNet5 {
         Ok(LeNet5 {
             conv1: Block::new(conv(1, 6, "conv1")?, norm_of(batch_norm, 6, &vb, "bn1"))?,
             conv2: Block::new(conv(6, 16, "conv2")?, norm_of(batch_norm, 16, &vb, "bn2"))?,
-            conv3: Block::new(conv(16, 120, "conv3")?, norm_of(batch_norm, 120, &vb, "bn3"))?,
+            conv3: Block::new(
+                conv(16, 120, "conv3")?,
+                norm_of(batch_norm, 120, &vb, "bn3"),
+            )?,
             fc1: Block::new(
                 candle_nn::linear(120, 84, vb.pp("fc1"))?,
                 norm_of(batch_norm, 84, &vb, "bn4"),
@@ -139,7 +142,10 @@ impl CustomMlp {
             .map(|i| {
                 let fan_in = if i == 1 { inputs } else { MLP_HIDDEN };
                 let layer = candle_nn::linear(fan_in, MLP_HIDDEN, vb.pp(format!("fc{i}")))?;
-                Block::new(layer, norm_of(batch_norm, MLP_HIDDEN, &vb, &format!("bn{i}")))
+                Block::new(
+                    layer,
+                    norm_of(batch_norm, MLP_HIDDEN, &vb, &format!("bn{i}")),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let output_name = format!("fc{}", MLP_HIDDEN_LAYERS + 1);
@@ -186,7 +192,13 @@ impl ModuleT for Dropout {
         let scale = 1.0 / keep;
         let mut rng = self.rng.lock().expect("dropout rng lock");
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() < keep { scale } else { 0.0 })
+            .map(|_| {
+                if rng.random::<f32>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
             .collect();
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
@@ -215,7 +227,10 @@ fn init_like_pytorch(varmap: &VarMap, seed: u64) -> Result<()> {
     names.sort();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     for name in names {
-        let Some(layer) = name.strip_suffix(".weight").or_else(|| name.strip_suffix(".bias")) else {
+        let Some(layer) = name
+            .strip_suffix(".weight")
+            .or_else(|| name.strip_suffix(".bias"))
+        else {
             continue;
         };
         if layer.starts_with("bn") {
@@ -245,7 +260,11 @@ mod tests {
 
     fn built(kind: ModelKind, batch_norm: bool) -> (Box<dyn Classifier>, VarMap) {
         let varmap = VarMap::new();
-        let config = ModelConfig { kind, batch_norm, dropout: 0.0 };
+        let config = ModelConfig {
+            kind,
+            batch_norm,
+            dropout: 0.0,
+        };
         let model = build(&config, 32, 0, &varmap, &Device::Cpu).unwrap();
         (model, varmap)
     }
@@ -253,10 +272,19 @@ mod tests {
     #[test]
     fn parameter_counts_match_the_report() {
         assert_eq!(parameter_count(&built(ModelKind::Lenet5, false).1), 61_706);
-        assert_eq!(parameter_count(&built(ModelKind::CustomMlp, false).1), 61_450);
+        assert_eq!(
+            parameter_count(&built(ModelKind::CustomMlp, false).1),
+            61_450
+        );
         // BatchNorm adds only its own weight and bias per feature.
-        assert_eq!(parameter_count(&built(ModelKind::Lenet5, true).1), 61_706 + 2 * (6 + 16 + 120 + 84));
-        assert_eq!(parameter_count(&built(ModelKind::CustomMlp, true).1), 61_450 + 2 * 6 * 48);
+        assert_eq!(
+            parameter_count(&built(ModelKind::Lenet5, true).1),
+            61_706 + 2 * (6 + 16 + 120 + 84)
+        );
+        assert_eq!(
+            parameter_count(&built(ModelKind::CustomMlp, true).1),
+            61_450 + 2 * 6 * 48
+        );
     }
 
     #[test]
@@ -264,8 +292,18 @@ mod tests {
         let (_, varmap) = built(ModelKind::Lenet5, true);
         let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
         names.sort();
-        for expected in ["conv1.weight", "conv3.bias", "fc2.weight", "bn1.running_mean", "bn4.running_var", "bn3.weight"] {
-            assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        for expected in [
+            "conv1.weight",
+            "conv3.bias",
+            "fc2.weight",
+            "bn1.running_mean",
+            "bn4.running_var",
+            "bn3.weight",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} missing from {names:?}"
+            );
         }
         let (_, varmap) = built(ModelKind::CustomMlp, false);
         let vars = varmap.data().lock().unwrap();
@@ -292,7 +330,9 @@ mod tests {
             let varmap = VarMap::new();
             let config = ModelConfig::default();
             build(&config, 32, seed, &varmap, &Device::Cpu).unwrap();
-            let w = varmap.data().lock().unwrap()["conv3.weight"].flatten_all().unwrap();
+            let w = varmap.data().lock().unwrap()["conv3.weight"]
+                .flatten_all()
+                .unwrap();
             w.to_vec1::<f32>().unwrap()
         };
         let (a, b, c) = (weights(7), weights(7), weights(8));

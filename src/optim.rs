@@ -59,7 +59,13 @@ impl Optimizer {
 }
 
 /// `torch.optim.SGD`: L2 added to the gradient, then (Nesterov) momentum.
-fn sgd(config: &OptimizerConfig, param: &Tensor, grad: &Tensor, state: &mut State, lr: f64) -> Result<Tensor> {
+fn sgd(
+    config: &OptimizerConfig,
+    param: &Tensor,
+    grad: &Tensor,
+    state: &mut State,
+    lr: f64,
+) -> Result<Tensor> {
     let mut grad = grad.clone();
     if config.weight_decay > 0.0 {
         grad = (grad + (param * config.weight_decay)?)?;
@@ -148,7 +154,9 @@ mod tests {
     fn run(config: OptimizerConfig, steps: usize, lr: f64) -> Vec<f32> {
         let varmap = VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let w = vb.get_with_hints(1, "w", candle_nn::Init::Const(1.0)).unwrap();
+        let w = vb
+            .get_with_hints(1, "w", candle_nn::Init::Const(1.0))
+            .unwrap();
         let mut optimizer = Optimizer::new(&config, &varmap);
         let mut trace = Vec::new();
         for _ in 0..steps {
@@ -167,7 +175,10 @@ mod tests {
     fn sgd_momentum_matches_pytorch() {
         // torch.optim.SGD([w], lr=0.1, momentum=0.9), grad = w:
         // buf1 = 1 -> w = 0.9; buf2 = 0.9*1 + 0.9 = 1.8 -> w = 0.72.
-        let config = OptimizerConfig { momentum: 0.9, ..Default::default() };
+        let config = OptimizerConfig {
+            momentum: 0.9,
+            ..Default::default()
+        };
         assert!(close(&run(config, 2, 0.1), &[0.9, 0.72]));
     }
 
@@ -186,7 +197,10 @@ mod tests {
     #[test]
     fn adam_first_step_moves_by_lr() {
         // Bias correction makes Adam's first step exactly lr * sign(grad).
-        let config = OptimizerConfig { kind: OptimizerKind::Adam, ..Default::default() };
+        let config = OptimizerConfig {
+            kind: OptimizerKind::Adam,
+            ..Default::default()
+        };
         assert!(close(&run(config, 1, 0.01), &[0.99]));
     }
 
@@ -210,15 +224,27 @@ mod tests {
 
     #[test]
     fn schedules() {
-        let step = ScheduleConfig { kind: ScheduleKind::Step, step_size: 2, gamma: 0.5, ..Default::default() };
+        let step = ScheduleConfig {
+            kind: ScheduleKind::Step,
+            step_size: 2,
+            gamma: 0.5,
+            ..Default::default()
+        };
         assert_eq!(learning_rate(&step, 0.1, 1.9, 10), 0.1);
         assert_eq!(learning_rate(&step, 0.1, 2.0, 10), 0.05);
         assert_eq!(learning_rate(&step, 0.1, 5.0, 10), 0.025);
-        let cosine = ScheduleConfig { kind: ScheduleKind::Cosine, min_lr: 0.001, ..Default::default() };
+        let cosine = ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            min_lr: 0.001,
+            ..Default::default()
+        };
         assert_eq!(learning_rate(&cosine, 0.1, 0.0, 10), 0.1);
         assert!((learning_rate(&cosine, 0.1, 5.0, 10) - 0.0505).abs() < 1e-12);
         assert!((learning_rate(&cosine, 0.1, 10.0, 10) - 0.001).abs() < 1e-12);
-        let warm = ScheduleConfig { warmup_epochs: 2.0, ..Default::default() };
+        let warm = ScheduleConfig {
+            warmup_epochs: 2.0,
+            ..Default::default()
+        };
         assert_eq!(learning_rate(&warm, 0.1, 1.0, 10), 0.05);
         assert_eq!(learning_rate(&warm, 0.1, 3.0, 10), 0.1);
     }

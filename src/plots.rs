@@ -86,19 +86,33 @@ where
         .x_labels((x_max as usize).clamp(2, 11))
         // Epochs are whole numbers: label only those ticks.
         .x_label_formatter(&|x| {
-            if x.fract().abs() < 1e-6 { format!("{x:.0}") } else { String::new() }
+            if x.fract().abs() < 1e-6 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
         })
         .draw()
         .map_err(|e| e.to_string())?;
     for series in &chart.series {
         let color = series.color;
         builder
-            .draw_series(LineSeries::new(series.points.clone(), color.stroke_width(3)))
+            .draw_series(LineSeries::new(
+                series.points.clone(),
+                color.stroke_width(3),
+            ))
             .map_err(|e| e.to_string())?
             .label(&series.label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
         builder
-            .draw_series(series.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .draw_series(
+                series
+                    .points
+                    .iter()
+                    .map(|&p| Circle::new(p, 4, color.filled())),
+            )
             .map_err(|e| e.to_string())?;
     }
     builder
@@ -195,7 +209,14 @@ mod tests {
         let curves = image::open(run.plot("curves.png")).unwrap();
         assert_eq!(curves.width(), 2 * WIDTH);
         // Something besides the white background was drawn.
-        assert!(curves.to_rgb8().pixels().filter(|p| p.0 != [255, 255, 255]).count() > 10_000);
+        assert!(
+            curves
+                .to_rgb8()
+                .pixels()
+                .filter(|p| p.0 != [255, 255, 255])
+                .count()
+                > 10_000
+        );
         // A single epoch still plots.
         write_run_plots(&run, "p", &metrics[..1]).unwrap();
     }

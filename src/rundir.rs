@@ -17,7 +17,10 @@ pub const PLOTS_DIR: &str = "plots";
 
 /// Writes `bytes` to `path` through a temporary file in the same directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
@@ -31,7 +34,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(|e| std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))
+    result
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))
 }
 
 /// One row of `metrics.csv`: the figures of one epoch.
@@ -90,11 +94,18 @@ impl RunDir {
     /// runs never share a directory.
     pub fn create(runs_dir: &Path, name: &str) -> std::io::Result<RunDir> {
         std::fs::create_dir_all(runs_dir).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot create {}: {e}", runs_dir.display()))
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot create {}: {e}", runs_dir.display()),
+            )
         })?;
         let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
         for attempt in 1.. {
-            let suffix = if attempt == 1 { String::new() } else { format!("-{attempt}") };
+            let suffix = if attempt == 1 {
+                String::new()
+            } else {
+                format!("-{attempt}")
+            };
             let path = runs_dir.join(format!("{name}-{stamp}{suffix}"));
             match std::fs::create_dir(&path) {
                 Ok(()) => {
@@ -144,19 +155,28 @@ pub fn metrics_csv(rows: &[EpochMetrics]) -> std::io::Result<Vec<u8>> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     if rows.is_empty() {
         writer.write_record([
-            "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_secs",
+            "epoch",
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "lr",
+            "epoch_secs",
             "images_per_sec",
         ])?;
     }
     for row in rows {
         writer.serialize(row)?;
     }
-    writer.into_inner().map_err(|e| std::io::Error::other(e.to_string()))
+    writer
+        .into_inner()
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// Reads a run's `metrics.csv`.
 pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>, String> {
-    let mut reader = csv::Reader::from_path(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut reader =
+        csv::Reader::from_path(path).map_err(|e| format!("{}: {e}", path.display()))?;
     reader
         .deserialize()
         .collect::<Result<Vec<EpochMetrics>, _>>()
@@ -180,7 +200,10 @@ mod tests {
         write_atomic(&path, b"one").unwrap();
         write_atomic(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.txt")]);
     }
 
@@ -192,7 +215,10 @@ mod tests {
         assert_ne!(a.path, b.path);
         assert!(a.path.join(PLOTS_DIR).is_dir() && b.path.join(PLOTS_DIR).is_dir());
         let name = a.path.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.starts_with("x-") && name.len() == "x-yyyymmdd-hhmmss".len(), "{name}");
+        assert!(
+            name.starts_with("x-") && name.len() == "x-yyyymmdd-hhmmss".len(),
+            "{name}"
+        );
     }
 
     #[test]
@@ -201,7 +227,10 @@ mod tests {
         let run = RunDir::create(dir.path(), "m").unwrap();
         run.write_metrics(&[]).unwrap();
         let text = std::fs::read_to_string(run.file(METRICS_FILE)).unwrap();
-        assert_eq!(text.trim(), "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_secs,images_per_sec");
+        assert_eq!(
+            text.trim(),
+            "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_secs,images_per_sec"
+        );
         let row = EpochMetrics {
             epoch: 1,
             train_loss: 0.5,
@@ -214,7 +243,9 @@ mod tests {
         };
         run.write_metrics(std::slice::from_ref(&row)).unwrap();
         let text = std::fs::read_to_string(run.file(METRICS_FILE)).unwrap();
-        assert!(text.starts_with("epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_secs,images_per_sec\n"));
+        assert!(text.starts_with(
+            "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_secs,images_per_sec\n"
+        ));
         assert_eq!(read_metrics(&run.file(METRICS_FILE)).unwrap(), vec![row]);
     }
 }

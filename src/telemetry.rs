@@ -16,7 +16,8 @@ thread_local! {
 
 /// Installs the global subscriber. Call once, at start-up.
 pub fn init() {
-    let stderr_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr_filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let stderr = fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -30,7 +31,10 @@ pub fn init() {
         .with_writer(|| CaptureWriter)
         .with_filter(LevelFilter::INFO);
     // A second init (tests calling into the library) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(stderr).with(captured).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(captured)
+        .try_init();
 }
 
 /// Appends to this thread's capture buffer when one is active; else discards.

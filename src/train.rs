@@ -83,12 +83,9 @@ impl Trainer {
             let lr = self.learning_rate(epoch as f64 + index as f64 / batches as f64);
             let indices = Tensor::from_slice(chunk, chunk.len(), device)?;
             let (images, labels) = train.gather(&indices)?;
-            let logits = self.model.logits(&images, true)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            self.optimizer.step(&loss.backward()?, lr)?;
-            self.steps += 1;
-            loss_sum = (loss_sum + (loss.detach() * chunk.len() as f64)?)?;
-            correct = (correct + count_correct(&logits.detach(), &labels)?)?;
+            let (loss, logits) = self.train_step(&images, &labels, lr)?;
+            loss_sum = (loss_sum + (loss * chunk.len() as f64)?)?;
+            correct = (correct + count_correct(&logits, &labels)?)?;
             seen += chunk.len();
             on_batch(chunk.len());
         }
@@ -96,6 +93,20 @@ impl Trainer {
             loss: loss_sum.to_scalar::<f32>()? as f64 / seen as f64,
             accuracy: correct.to_scalar::<f32>()? as f64 / seen as f64,
         })
+    }
+
+    /// One optimiser step on a batch; returns the (detached) mean loss and logits.
+    pub fn train_step(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        lr: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let logits = self.model.logits(images, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+        self.optimizer.step(&loss.backward()?, lr)?;
+        self.steps += 1;
+        Ok((loss.detach(), logits.detach()))
     }
 
     /// Loss and accuracy on `set` in evaluation mode (running BatchNorm statistics,
@@ -113,11 +124,11 @@ pub fn evaluate(model: &dyn Classifier, set: &Tensors, batch_size: usize) -> Res
     let n = set.len();
     for start in (0..n).step_by(batch_size) {
         let len = batch_size.min(n - start);
-        let (images, labels) = set.range(start, len)?;
-        let logits = model.logits(&images, false)?.detach();
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let batch = set.slice(start, len)?;
+        let logits = model.logits(&batch.images, false)?.detach();
+        let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
         loss_sum = (loss_sum + (loss * len as f64)?)?;
-        correct = (correct + count_correct(&logits, &labels)?)?;
+        correct = (correct + count_correct(&logits, &batch.labels)?)?;
     }
     Ok(Score {
         loss: loss_sum.to_scalar::<f32>()? as f64 / n as f64,

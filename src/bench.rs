@@ -1,0 +1,188 @@
+//! Throughput benchmark with the same protocol as the PyTorch reference
+//! (`../shared/peers/torch_ref.py --bench-steps`): training steps (forward, loss,
+//! backward, SGD step) on batches already in memory after 20 warm-up steps, then
+//! evaluation of the test set in batches of 1000.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::config::{Config, ModelKind};
+use crate::data::Datasets;
+use crate::train::{self, Trainer};
+
+/// The benchmarked models: the three of the PyTorch reference.
+pub const PRESETS: [&str; 3] = ["lenet5", "lenet5_reg", "custom_mlp"];
+const WARMUP_STEPS: usize = 20;
+const EVAL_BATCH: usize = 1000;
+
+/// The reference's training set-up for a preset: SGD, lr 0.01, momentum 0.9, and
+/// for `lenet5_reg` BatchNorm with weight decay 5e-4.
+pub fn preset_config(preset: &str, batch_size: usize) -> Result<Config, String> {
+    let mut config = Config::default();
+    match preset {
+        "lenet5" => {}
+        "lenet5_reg" => {
+            config.model.batch_norm = true;
+            config.optimizer.weight_decay = 5e-4;
+        }
+        "custom_mlp" => config.model.kind = ModelKind::CustomMlp,
+        other => {
+            return Err(format!(
+                "unknown model {other:?}: expected one of {PRESETS:?}"
+            ));
+        }
+    }
+    config.name = preset.to_string();
+    config.optimizer.lr = Some(0.01);
+    config.train.batch_size = batch_size;
+    config.train.eval_batch_size = EVAL_BATCH;
+    Ok(config)
+}
+
+/// Figures of one model at one batch size.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub model: String,
+    pub batch_size: usize,
+    pub train_images_per_s: f64,
+    pub eval_images_per_s: f64,
+}
+
+/// Times `steps` training steps and one pass over the test set.
+pub fn measure(
+    preset: &str,
+    batch_size: usize,
+    steps: usize,
+    data: &Datasets,
+    device: &Device,
+) -> anyhow::Result<Throughput> {
+    let config = preset_config(preset, batch_size).map_err(anyhow::Error::msg)?;
+    let mut trainer = Trainer::new(&config, data.side, device)?;
+    let batches = random_batches(data, batch_size, WARMUP_STEPS + steps, device)?;
+    let (warmup, timed) = batches.split_at(WARMUP_STEPS);
+    for (images, labels) in warmup {
+        trainer.train_step(images, labels, 0.01)?;
+    }
+    let start = Instant::now();
+    for (images, labels) in timed {
+        trainer.train_step(images, labels, 0.01)?;
+    }
+    device.synchronize()?;
+    let train_secs = start.elapsed().as_secs_f64();
+
+    let warm_set = data.test.slice(0, data.test.len().min(2 * EVAL_BATCH))?;
+    train::evaluate(trainer.model.as_ref(), &warm_set, EVAL_BATCH)?;
+    let start = Instant::now();
+    train::evaluate(trainer.model.as_ref(), &data.test, EVAL_BATCH)?;
+    let eval_secs = start.elapsed().as_secs_f64();
+    Ok(Throughput {
+        model: preset.to_string(),
+        batch_size,
+        train_images_per_s: (steps * batch_size) as f64 / train_secs,
+        eval_images_per_s: data.test.len() as f64 / eval_secs,
+    })
+}
+
+/// `count` batches of random training examples, gathered in advance.
+fn random_batches(
+    data: &Datasets,
+    batch_size: usize,
+    count: usize,
+    device: &Device,
+) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let n = data.train.len() as u32;
+    (0..count)
+        .map(|_| {
+            let indices: Vec<u32> = (0..batch_size).map(|_| rng.random_range(0..n)).collect();
+            data.train
+                .gather(&Tensor::from_vec(indices, batch_size, device)?)
+        })
+        .collect()
+}
+
+/// Everything one `bench` invocation measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub threads: usize,
+    pub device: String,
+    pub load_secs: f64,
+    pub steps: usize,
+    pub results: Vec<Throughput>,
+}
+
+/// Loads MNIST once, then measures every model at every batch size on the CPU.
+pub fn run(
+    models: &[String],
+    batch_sizes: &[usize],
+    steps: usize,
+    data_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Report> {
+    for model in models {
+        preset_config(model, 1).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(&zero) = batch_sizes.iter().find(|&&b| b == 0) {
+        anyhow::bail!("--batch-size {zero}: expected at least 1");
+    }
+    let device = Device::Cpu;
+    let data_config = crate::config::DataConfig {
+        dir: data_dir.map(|d| d.to_path_buf()),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let data = Datasets::load(&data_config, 0, &device)?;
+    let load_secs = start.elapsed().as_secs_f64();
+    let threads = crate::device::cpu_threads();
+    tracing::info!(threads, load_secs, "data ready; measuring");
+    let mut results = Vec::new();
+    for model in models {
+        for &batch_size in batch_sizes {
+            let figures = measure(model, batch_size, steps, &data, &device)?;
+            tracing::info!(
+                model = %figures.model,
+                batch_size,
+                train_images_per_s = figures.train_images_per_s.round(),
+                eval_images_per_s = figures.eval_images_per_s.round(),
+                "measured"
+            );
+            results.push(figures);
+        }
+    }
+    Ok(Report {
+        threads,
+        device: "cpu".into(),
+        load_secs,
+        steps,
+        results,
+    })
+}
+
+impl Report {
+    /// A markdown table of the figures.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "device {}, {} threads, dataset load and prepare {:.2} s\n\n\
+             | model | batch | train images/s | eval images/s (batch {EVAL_BATCH}) |\n|---|---|---|---|\n",
+            self.device, self.threads, self.load_secs
+        );
+        for r in &self.results {
+            out += &format!(
+                "| {} | {} | {:.0} | {:.0} |\n",
+                r.model, r.batch_size, r.train_images_per_s, r.eval_images_per_s
+            );
+        }
+        out
+    }
+
+    pub fn write_json(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        crate::rundir::write_atomic(path, &serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+}
