@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod experiment;
+pub mod kernels;
 pub mod models;
 pub mod optim;
 pub mod plots;

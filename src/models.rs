@@ -4,12 +4,13 @@
 use std::sync::Mutex;
 
 use candle_core::{D, DType, Device, Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Linear, VarBuilder, VarMap};
+use candle_nn::{BatchNorm, Linear, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ModelConfig, ModelKind};
 use crate::data::NUM_CLASSES;
+use crate::kernels;
 
 /// A classifier: images `(n, 1, side, side)` in, logits `(n, 10)` out.
 pub trait Classifier: Send + Sync {
@@ -62,7 +63,30 @@ impl<L: Module> ModuleT for Block<L> {
             Some(norm) => x.apply_t(norm, train)?,
             None => x,
         };
-        x.tanh()
+        kernels::tanh(&x)
+    }
+}
+
+/// A 2-D convolution (valid padding, stride 1) with bias, on the fast kernels.
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv {
+    fn new(c_in: usize, c_out: usize, kernel: usize, vb: VarBuilder) -> Result<Conv> {
+        // Placeholder initial values: `init_like_pytorch` draws the real ones.
+        let init = candle_nn::Init::Const(0.0);
+        Ok(Conv {
+            weight: vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", init)?,
+            bias: vb.get_with_hints(c_out, "bias", init)?,
+        })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::conv2d(x, &self.weight, &self.bias)
     }
 }
 
@@ -78,9 +102,9 @@ fn norm_of<'a>(
 
 /// LeNet-5 on 32x32 inputs: 61,706 parameters (plus 452 with BatchNorm).
 pub struct LeNet5 {
-    conv1: Block<Conv2d>,
-    conv2: Block<Conv2d>,
-    conv3: Block<Conv2d>,
+    conv1: Block<Conv>,
+    conv2: Block<Conv>,
+    conv3: Block<Conv>,
     fc1: Block<Linear>,
     fc2: Linear,
     dropout: Dropout,
@@ -88,9 +112,7 @@ pub struct LeNet5 {
 
 impl LeNet5 {
     pub fn new(vb: VarBuilder, batch_norm: bool, dropout: Dropout) -> Result<Self> {
-        let conv = |c_in, c_out, name: &str| {
-            candle_nn::conv2d(c_in, c_out, 5, Default::default(), vb.pp(name))
-        };
+        let conv = |c_in, c_out, name: &str| Conv::new(c_in, c_out, 5, vb.pp(name));
         Ok(LeNet5 {
             conv1: Block::new(conv(1, 6, "conv1")?, norm_of(batch_norm, 6, &vb, "bn1"))?,
             conv2: Block::new(conv(6, 16, "conv2")?, norm_of(batch_norm, 16, &vb, "bn2"))?,
@@ -112,9 +134,9 @@ impl Classifier for LeNet5 {
     fn logits(&self, images: &Tensor, train: bool) -> Result<Tensor> {
         images
             .apply_t(&self.conv1, train)?
-            .max_pool2d(2)?
+            .apply(&kernels::max_pool2x2)?
             .apply_t(&self.conv2, train)?
-            .max_pool2d(2)?
+            .apply(&kernels::max_pool2x2)?
             .apply_t(&self.conv3, train)?
             .flatten_from(1)?
             .apply_t(&self.dropout, train)?
