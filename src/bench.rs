@@ -113,6 +113,55 @@ pub struct Report {
     pub load_secs: f64,
     pub steps: usize,
     pub results: Vec<Throughput>,
+    /// One-epoch runs (batch 64) in a child process, for their peak memory.
+    pub epoch_runs: Vec<EpochRun>,
+}
+
+/// A real one-epoch run of a preset: its wall time and peak resident memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRun {
+    pub model: String,
+    pub wall_secs: f64,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Trains `preset` for one epoch with `exe run` (this program) and reads its summary.
+pub fn one_epoch_run(
+    exe: &std::path::Path,
+    preset: &str,
+    data_dir: Option<&std::path::Path>,
+) -> anyhow::Result<EpochRun> {
+    let mut config = preset_config(preset, 64).map_err(anyhow::Error::msg)?;
+    config.train.epochs = 1;
+    config.device.kind = crate::config::DeviceSpec::Cpu;
+    config.data.dir = data_dir.map(|d| d.to_path_buf());
+    let scratch = tempfile::tempdir()?;
+    let config_path = scratch.path().join(format!("{preset}.toml"));
+    std::fs::write(&config_path, config.to_toml())?;
+    let output = std::process::Command::new(exe)
+        .arg("run")
+        .arg(&config_path)
+        .arg("--runs-dir")
+        .arg(scratch.path().join("runs"))
+        .env("RUST_LOG", "warn")
+        .output()?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "one-epoch run of {preset} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let run_dir = std::fs::read_dir(scratch.path().join("runs"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the one-epoch run of {preset} left no run directory"))??
+        .path();
+    let summary = crate::rundir::read_summary(&run_dir.join(crate::rundir::SUMMARY_FILE))
+        .map_err(anyhow::Error::msg)?;
+    Ok(EpochRun {
+        model: preset.to_string(),
+        wall_secs: summary.wall_secs,
+        peak_rss_mb: summary.peak_rss_mb,
+    })
 }
 
 /// Loads MNIST once, then measures every model at every batch size on the CPU.
@@ -121,6 +170,7 @@ pub fn run(
     batch_sizes: &[usize],
     steps: usize,
     data_dir: Option<&std::path::Path>,
+    epoch_runs_with: Option<&std::path::Path>,
 ) -> anyhow::Result<Report> {
     for model in models {
         preset_config(model, 1).map_err(anyhow::Error::msg)?;
@@ -152,12 +202,21 @@ pub fn run(
             results.push(figures);
         }
     }
+    let mut epoch_runs = Vec::new();
+    if let Some(exe) = epoch_runs_with {
+        for model in models {
+            let run = one_epoch_run(exe, model, data_dir)?;
+            tracing::info!(model = %run.model, wall_secs = run.wall_secs, peak_rss_mb = run.peak_rss_mb, "one-epoch run");
+            epoch_runs.push(run);
+        }
+    }
     Ok(Report {
         threads,
         device: "cpu".into(),
         load_secs,
         steps,
         results,
+        epoch_runs,
     })
 }
 
@@ -174,6 +233,15 @@ impl Report {
                 "| {} | {} | {:.0} | {:.0} |\n",
                 r.model, r.batch_size, r.train_images_per_s, r.eval_images_per_s
             );
+        }
+        if !self.epoch_runs.is_empty() {
+            out += "\n| one-epoch run (batch 64) | wall s | peak RSS MiB |\n|---|---|---|\n";
+            for r in &self.epoch_runs {
+                let rss = r
+                    .peak_rss_mb
+                    .map_or("n/a".to_string(), |m| format!("{m:.0}"));
+                out += &format!("| {} | {:.1} | {rss} |\n", r.model, r.wall_secs);
+            }
         }
         out
     }

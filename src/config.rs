@@ -46,6 +46,9 @@ pub struct DataConfig {
     pub pad_to_32: bool,
     /// Standardise pixels with MNIST's mean 0.1307 and std 0.3081 (else scale to [0, 1]).
     pub normalize: bool,
+    /// Augmentation: shift each training image by a random 0..=N pixels along
+    /// each axis, every epoch anew (0 = off).
+    pub augment_shift: usize,
 }
 
 impl Default for DataConfig {
@@ -57,6 +60,7 @@ impl Default for DataConfig {
             test_size: None,
             pad_to_32: true,
             normalize: true,
+            augment_shift: 0,
         }
     }
 }
@@ -414,6 +418,12 @@ impl Config {
                     "expected fewer than the 60000 training images, got {}",
                     data.validation_size
                 ),
+            );
+        }
+        if data.augment_shift > 4 {
+            return fail(
+                "data.augment_shift",
+                format!("expected 0 to 4 pixels, got {}", data.augment_shift),
             );
         }
         if data.train_size == Some(0) {

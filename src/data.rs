@@ -390,6 +390,42 @@ impl Tensors {
         ))
     }
 
+    /// The examples at `indices`, each translated by a random whole-pixel offset of
+    /// up to `max_shift` along each axis, edge pixels repeated into the gap (MNIST's
+    /// borders are background). One gather of pixel indices: no copy on the host.
+    pub fn gather_shifted(
+        &self,
+        indices: &[u32],
+        max_shift: usize,
+        rng: &mut impl rand::Rng,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, _, height, width) = self.images.dims4()?;
+        let plane = height * width;
+        let max = max_shift as i64;
+        let mut pixels = Vec::with_capacity(indices.len() * plane);
+        for &image in indices {
+            let dy = rng.random_range(-max..=max) as isize;
+            let dx = rng.random_range(-max..=max) as isize;
+            let base = image as usize * plane;
+            for y in 0..height as isize {
+                let sy = (y - dy).clamp(0, height as isize - 1) as usize;
+                for x in 0..width as isize {
+                    let sx = (x - dx).clamp(0, width as isize - 1) as usize;
+                    pixels.push((base + sy * width + sx) as u32);
+                }
+            }
+        }
+        let device = self.images.device();
+        let pixels = Tensor::from_vec(pixels, indices.len() * plane, device)?;
+        let images = self
+            .images
+            .flatten_all()?
+            .index_select(&pixels, 0)?
+            .reshape((indices.len(), 1, height, width))?;
+        let labels = Tensor::from_slice(indices, indices.len(), device)?;
+        Ok((images, self.labels.index_select(&labels, 0)?))
+    }
+
     /// Examples `start..start + len` as views, without copying.
     pub fn slice(&self, start: usize, len: usize) -> candle_core::Result<Tensors> {
         Ok(Tensors {
@@ -627,6 +663,40 @@ mod tests {
         // The first source pixel lands at row 2, column 2.
         assert!((pixels[2 * 32 + 2] - (1.0 - MNIST_MEAN) / MNIST_STD).abs() < 1e-5);
         assert_eq!(tensors.labels.to_vec1::<u32>().unwrap(), vec![3]);
+    }
+
+    #[test]
+    fn shifted_gather_translates_with_repeated_edges() {
+        // One 4x4 image whose pixel values are their own indices.
+        let images = Tensor::arange(0f32, 16.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 4, 4))
+            .unwrap();
+        let labels = Tensor::new(&[7u32], &Device::Cpu).unwrap();
+        let set = Tensors { images, labels };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let (batch, labels) = set.gather_shifted(&[0], 1, &mut rng).unwrap();
+            assert_eq!(labels.to_vec1::<u32>().unwrap(), vec![7]);
+            let v: Vec<f32> = batch.flatten_all().unwrap().to_vec1().unwrap();
+            // Rows and columns stay in order: a shift keeps every row a run of
+            // neighbouring columns (or a repeated edge).
+            for row in v.chunks(4) {
+                assert!(
+                    row.windows(2)
+                        .all(|w| w[1] - w[0] == 0.0 || w[1] - w[0] == 1.0),
+                    "{v:?}"
+                );
+            }
+            seen.insert(v.iter().map(|&x| x as i32).collect::<Vec<_>>());
+        }
+        assert!(seen.len() > 3, "random offsets give different images");
+        let (unshifted, _) = set.gather_shifted(&[0], 0, &mut rng).unwrap();
+        assert_eq!(
+            unshifted.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (0..16).map(|i| i as f32).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub fn run(config: &Config, runs_dir: &Path) -> anyhow::Result<RunOutcome> {
         test_loss: None,
         test_acc: None,
         wall_secs: 0.0,
+        peak_rss_mb: None,
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         status: Status::Running,
         error: None,
@@ -74,6 +75,7 @@ pub fn run(config: &Config, runs_dir: &Path) -> anyhow::Result<RunOutcome> {
 
     let result = train_and_test(config, &mut trainer, &data, &run, &mut summary, &capture);
     summary.wall_secs = round(started.elapsed().as_secs_f64(), 2);
+    summary.peak_rss_mb = rundir::peak_rss_mb();
     match &result {
         Ok(test) => {
             summary.status = Status::Completed;
@@ -82,6 +84,7 @@ pub fn run(config: &Config, runs_dir: &Path) -> anyhow::Result<RunOutcome> {
                 test_acc = round(test.accuracy, 5),
                 best_epoch = summary.best_epoch,
                 wall_secs = summary.wall_secs,
+                peak_rss_mb = summary.peak_rss_mb,
                 "run completed"
             );
         }

@@ -625,6 +625,203 @@ impl CustomOp2 for TanhGrad {
     }
 }
 
+/// `(n, c, rest...)` as (n, c, positions per channel per image).
+fn channel_dims(shape: &Shape) -> Result<(usize, usize, usize)> {
+    let dims = shape.dims();
+    if dims.len() < 2 {
+        candle_core::bail!("batch-norm: expected at least 2 dimensions, got {dims:?}");
+    }
+    Ok((dims[0], dims[1], dims[2..].iter().product()))
+}
+
+/// Per-channel mean and biased variance over batch and positions.
+fn channel_moments(x: &[f32], (n, c, s): (usize, usize, usize)) -> Vec<(f32, f32)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let planes = || (0..n).map(move |i| &x[(i * c + ch) * s..][..s]);
+            let count = (n * s) as f64;
+            let mean = planes().flatten().map(|&v| v as f64).sum::<f64>() / count;
+            let var = planes()
+                .flatten()
+                .map(|&v| (v as f64 - mean).powi(2))
+                .sum::<f64>()
+                / count;
+            (mean as f32, var as f32)
+        })
+        .collect()
+}
+
+/// BatchNorm in training mode: normalises each channel with the batch's own mean
+/// and variance, then applies (weight, bias).
+struct BatchNormTrain {
+    eps: f32,
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "mnist-lab-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = channel_dims(xl.shape())?;
+        let (_, c, s) = dims;
+        let x = f32_data(xs, xl, self.name())?;
+        let (w, b) = (
+            f32_data(ws, wl, self.name())?,
+            f32_data(bs, bl, self.name())?,
+        );
+        let moments = channel_moments(x, dims);
+        let affine: Vec<(f32, f32)> = moments
+            .iter()
+            .zip(w.iter().zip(b))
+            .map(|(&(mean, var), (&w, &b))| {
+                let scale = w / (var + self.eps).sqrt();
+                (scale, b - mean * scale)
+            })
+            .collect();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            .for_each(|(i, (y, x))| {
+                let (scale, shift) = affine[i % c];
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * scale + shift;
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_y = grad_y.contiguous()?;
+        let c = w.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &grad_y, &BatchNormGrad { eps: self.eps })?;
+        let len = x.elem_count();
+        let grad_x = packed.narrow(0, 0, len)?.reshape(x.shape())?;
+        let grad_w = packed.narrow(0, len, c)?;
+        let grad_b = packed.narrow(0, len + c, c)?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    }
+}
+
+/// Gradients of [`BatchNormTrain`], packed as `[grad_x..., grad_weight..., grad_bias...]`.
+struct BatchNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for BatchNormGrad {
+    fn name(&self) -> &'static str {
+        "mnist-lab-batch-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = channel_dims(xl.shape())?;
+        let (n, c, s) = dims;
+        let x = f32_data(xs, xl, self.name())?;
+        let w = f32_data(ws, wl, self.name())?;
+        let g = f32_data(gs, gl, self.name())?;
+        let moments = channel_moments(x, dims);
+        let count = (n * s) as f32;
+        // Per channel: sum(dy) and sum(dy * x_hat) give the bias and weight gradients.
+        let sums: Vec<(f32, f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mean, var) = moments[ch];
+                let inv_std = 1.0 / (var + self.eps).sqrt();
+                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                for i in 0..n {
+                    let at = (i * c + ch) * s;
+                    for (&gv, &xv) in g[at..at + s].iter().zip(&x[at..at + s]) {
+                        sum_g += gv as f64;
+                        sum_gx += (gv * (xv - mean) * inv_std) as f64;
+                    }
+                }
+                (inv_std, sum_g as f32, sum_gx as f32)
+            })
+            .collect();
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (grad_x, grad_affine) = out.split_at_mut(x.len());
+        grad_x
+            .par_chunks_mut(s)
+            .zip(x.par_chunks(s).zip(g.par_chunks(s)))
+            .enumerate()
+            .for_each(|(i, (dx, (x, g)))| {
+                let ch = i % c;
+                let (mean, _) = moments[ch];
+                let (inv_std, sum_g, sum_gx) = sums[ch];
+                let k = w[ch] * inv_std / count;
+                for ((dx, &xv), &gv) in dx.iter_mut().zip(x).zip(g) {
+                    let x_hat = (xv - mean) * inv_std;
+                    *dx = k * (count * gv - sum_g - x_hat * sum_gx);
+                }
+            });
+        for (ch, &(_, sum_g, sum_gx)) in sums.iter().enumerate() {
+            grad_affine[ch] = sum_gx;
+            grad_affine[c + ch] = sum_g;
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// Per-channel mean and biased variance, `(n, c, ...) -> (2, c)`: for the
+/// running statistics.
+struct ChannelMoments;
+
+impl CustomOp1 for ChannelMoments {
+    fn name(&self) -> &'static str {
+        "mnist-lab-channel-moments"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = channel_dims(xl.shape())?;
+        let moments = channel_moments(f32_data(xs, xl, self.name())?, dims);
+        let (means, vars): (Vec<f32>, Vec<f32>) = moments.into_iter().unzip();
+        Ok((
+            CpuStorage::F32([means, vars].concat()),
+            Shape::from((2, dims.1)),
+        ))
+    }
+}
+
+/// Training-mode batch normalisation of `x` `(n, c, ...)` over all but dimension 1,
+/// on the CPU; also returns the batch's per-channel mean and biased variance.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let moments = x.detach().apply_op1_no_bwd(&ChannelMoments)?;
+    let y = x.apply_op3(weight, bias, BatchNormTrain { eps: eps as f32 })?;
+    Ok((y, moments.get(0)?, moments.get(1)?))
+}
+
 /// `conv2d(x, w) + b` (valid, stride 1), with the fast kernel on the CPU.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
@@ -838,6 +1035,48 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(g, vec![1.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn batch_norm_matches_candle_forward_and_backward() {
+        for shape in [&[8, 6, 7, 7][..], &[16, 84]] {
+            let c = shape[1];
+            let x = Var::from_tensor(&random(shape, 11).affine(3.0, 0.5).unwrap()).unwrap();
+            let w = Var::from_tensor(&(random(&[c], 12) + 1.5).unwrap()).unwrap();
+            let b = Var::from_tensor(&random(&[c], 13)).unwrap();
+            let (ours, mean, var) = batch_norm_train(&x, &w, &b, 1e-5).unwrap();
+            let reference_bn = candle_nn::BatchNorm::new(
+                c,
+                Tensor::zeros(c, candle_core::DType::F32, &Device::Cpu).unwrap(),
+                Tensor::ones(c, candle_core::DType::F32, &Device::Cpu).unwrap(),
+                w.as_tensor().clone(),
+                b.as_tensor().clone(),
+                1e-5,
+            )
+            .unwrap();
+            let reference = candle_core::ModuleT::forward_t(&reference_bn, &x, true).unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-4, "forward {shape:?}");
+            // The running mean moved 0.1 of the way to the batch mean.
+            assert!(max_diff(&(mean * 0.1).unwrap(), reference_bn.running_mean()) < 1e-5);
+            assert_eq!(var.dims(), &[c]);
+            let weights = random(ours.dims(), 14);
+            let a = (&ours * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let r = (&reference * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, var) in [("x", &x), ("w", &w), ("b", &b)] {
+                let d = max_diff(a.get(var).unwrap(), r.get(var).unwrap());
+                assert!(d < 1e-3, "grad {name} {shape:?}: {d}");
+            }
+        }
     }
 
     #[test]

@@ -54,6 +54,9 @@ struct BenchArgs {
     /// Data directory (default: $MNIST_DIR, then data/mnist).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Skip the one-epoch runs that measure peak memory.
+    #[arg(long)]
+    no_epoch_runs: bool,
 }
 
 #[derive(Args)]
@@ -138,8 +141,21 @@ impl BenchArgs {
         } else {
             self.batch_sizes
         };
-        let report = bench::run(&models, &batch_sizes, self.steps, self.data_dir.as_deref())?;
-        if let [only] = report.results.as_slice() {
+        let single = models.len() == 1 && batch_sizes.len() == 1;
+        // One model at one batch size is the scripted comparison: throughput only.
+        let exe = if self.no_epoch_runs || single {
+            None
+        } else {
+            Some(std::env::current_exe()?)
+        };
+        let report = bench::run(
+            &models,
+            &batch_sizes,
+            self.steps,
+            self.data_dir.as_deref(),
+            exe.as_deref(),
+        )?;
+        if let (true, [only]) = (single, report.results.as_slice()) {
             // The PyTorch reference's format, for scripts that compare the two.
             println!("train_images_per_s={:.0}", only.train_images_per_s);
             println!("eval_images_per_s={:.0}", only.eval_images_per_s);

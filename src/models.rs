@@ -3,8 +3,9 @@
 
 use std::sync::Mutex;
 
+use candle_core::Var;
 use candle_core::{D, DType, Device, Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, Linear, VarBuilder, VarMap};
+use candle_nn::{Init, Linear, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -50,7 +51,7 @@ struct Block<L> {
 impl<L> Block<L> {
     fn new(layer: L, norm_features: Option<(usize, VarBuilder)>) -> Result<Self> {
         let norm = norm_features
-            .map(|(features, vb)| candle_nn::batch_norm(features, 1e-5, vb))
+            .map(|(features, vb)| BatchNorm::new(features, vb))
             .transpose()?;
         Ok(Block { layer, norm })
     }
@@ -64,6 +65,80 @@ impl<L: Module> ModuleT for Block<L> {
             None => x,
         };
         kernels::tanh(&x)
+    }
+}
+
+/// BatchNorm over dimension 1 with PyTorch's defaults: eps 1e-5, running
+/// statistics updated with momentum 0.1 (the variance unbiased).
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    /// Candle's implementation over the same tensors, for devices without our kernels.
+    fallback: candle_nn::BatchNorm,
+}
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+impl BatchNorm {
+    fn new(features: usize, vb: VarBuilder) -> Result<BatchNorm> {
+        let running_mean = vb.get_with_hints(features, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(features, "running_var", Init::Const(1.0))?;
+        let weight = vb.get_with_hints(features, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(features, "bias", Init::Const(0.0))?;
+        let fallback = candle_nn::BatchNorm::new(
+            features,
+            running_mean.clone(),
+            running_var.clone(),
+            weight.clone(),
+            bias.clone(),
+            BN_EPS,
+        )?;
+        Ok(BatchNorm {
+            weight,
+            bias,
+            // Variables share storage with the VarMap, so checkpoints see the updates.
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            fallback,
+        })
+    }
+
+    /// `(1, c, 1, ...)`: broadcasts a per-channel vector against `x`.
+    fn per_channel(x: &Tensor, values: &Tensor) -> Result<Tensor> {
+        let mut shape = vec![1; x.rank()];
+        shape[1] = values.elem_count();
+        values.reshape(shape)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.fallback.forward_t(x, train);
+        }
+        if train {
+            let (y, mean, var) = kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS)?;
+            let count = (x.elem_count() / self.weight.elem_count()) as f64;
+            let update = |running: &Var, batch: Tensor| -> Result<()> {
+                let blended = ((running.as_detached_tensor() * (1.0 - BN_MOMENTUM))?
+                    + (batch * BN_MOMENTUM)?)?;
+                running.set(&blended)
+            };
+            update(&self.running_mean, mean)?;
+            update(&self.running_var, (var * (count / (count - 1.0)))?)?;
+            Ok(y)
+        } else {
+            let inv_std = (self.running_var.as_detached_tensor() + BN_EPS)?
+                .sqrt()?
+                .recip()?;
+            let scale = (&self.weight * inv_std)?;
+            let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+            x.broadcast_mul(&Self::per_channel(x, &scale)?)?
+                .broadcast_add(&Self::per_channel(x, &shift)?)
+        }
     }
 }
 

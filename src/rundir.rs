@@ -77,6 +77,8 @@ pub struct Summary {
     pub test_loss: Option<f64>,
     pub test_acc: Option<f64>,
     pub wall_secs: f64,
+    /// Peak resident memory of the process so far (Linux only).
+    pub peak_rss_mb: Option<f64>,
     pub started_at: String,
     pub status: Status,
     pub error: Option<String>,
@@ -181,6 +183,15 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>, String> {
         .deserialize()
         .collect::<Result<Vec<EpochMetrics>, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Peak resident set size of this process in MiB, from `/proc/self/status`
+/// (`None` where that file does not exist).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
 
 /// Reads a run's `summary.json`.

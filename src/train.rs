@@ -25,6 +25,7 @@ pub struct Trainer {
     optimizer: Optimizer,
     config: Config,
     shuffle_rng: ChaCha8Rng,
+    augment_rng: ChaCha8Rng,
     /// Optimiser steps taken so far (PyTorch's BatchNorm `num_batches_tracked`).
     pub steps: u64,
 }
@@ -40,6 +41,7 @@ impl Trainer {
             optimizer,
             config: config.clone(),
             shuffle_rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0x5_4FF1E),
+            augment_rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0xA_0637),
             steps: 0,
         })
     }
@@ -81,8 +83,10 @@ impl Trainer {
                 continue;
             }
             let lr = self.learning_rate(epoch as f64 + index as f64 / batches as f64);
-            let indices = Tensor::from_slice(chunk, chunk.len(), device)?;
-            let (images, labels) = train.gather(&indices)?;
+            let (images, labels) = match self.config.data.augment_shift {
+                0 => train.gather(&Tensor::from_slice(chunk, chunk.len(), device)?)?,
+                shift => train.gather_shifted(chunk, shift, &mut self.augment_rng)?,
+            };
             let (loss, logits) = self.train_step(&images, &labels, lr)?;
             loss_sum = (loss_sum + (loss * chunk.len() as f64)?)?;
             correct = (correct + count_correct(&logits, &labels)?)?;

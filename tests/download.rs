@@ -1,0 +1,101 @@
+//! The download path against a local HTTP mirror serving the real MNIST files:
+//! fallback from a dead mirror, checksum verification, nothing left on failure.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+use mnist_lab::data::{self, MNIST_FILES};
+
+fn mnist_dir() -> PathBuf {
+    std::env::var_os("MNIST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mnist"))
+}
+
+/// Serves `GET /<name>` from `files` (name -> bytes) on loopback, for `requests`
+/// requests; returns the base URL.
+fn serve(files: Vec<(String, Vec<u8>)>, requests: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/mnist/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let mut stream = stream.unwrap();
+            let mut request_line = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            reader.read_line(&mut request_line).unwrap();
+            // Drain the headers.
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("");
+            let name = path.rsplit('/').next().unwrap_or("");
+            match files.iter().find(|(n, _)| n == name) {
+                Some((_, body)) => {
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    stream.write_all(head.as_bytes()).unwrap();
+                    stream.write_all(body).unwrap();
+                }
+                None => {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            }
+        }
+    });
+    base
+}
+
+fn real_files() -> Vec<(String, Vec<u8>)> {
+    MNIST_FILES
+        .iter()
+        .map(|(stem, _)| {
+            let name = format!("{stem}.gz");
+            (
+                name.clone(),
+                std::fs::read(mnist_dir().join(&name)).expect("MNIST .gz files in MNIST_DIR"),
+            )
+        })
+        .collect()
+}
+
+/// A loopback port with nothing listening: connections are refused at once.
+fn dead_mirror() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/mnist/", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+#[test]
+fn downloads_verifies_and_falls_back_to_the_next_mirror() {
+    let target = tempfile::tempdir().unwrap();
+    let dir = target.path().join("mnist");
+    let mirrors = vec![dead_mirror(), serve(real_files(), 4)];
+    data::download_mnist(&dir, &mirrors).unwrap();
+    for (stem, _) in MNIST_FILES {
+        assert!(dir.join(format!("{stem}.gz")).is_file(), "{stem}");
+    }
+    let mnist = data::Mnist::read(&dir).unwrap();
+    assert_eq!((mnist.train.len(), mnist.test.len()), (60_000, 10_000));
+}
+
+#[test]
+fn a_file_with_the_wrong_checksum_is_refused_and_nothing_is_written() {
+    let target = tempfile::tempdir().unwrap();
+    let dir = target.path().join("mnist");
+    // Every name serves the (valid gzip, wrong content) test labels.
+    let labels = std::fs::read(mnist_dir().join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let files = MNIST_FILES
+        .iter()
+        .map(|(stem, _)| (format!("{stem}.gz"), labels.clone()))
+        .collect();
+    let err = data::download_mnist(&dir, &[serve(files, 1)]).unwrap_err();
+    assert!(err.contains("SHA-256"), "{err}");
+    assert!(!dir.exists(), "a failed download leaves no directory");
+}
