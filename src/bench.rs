@@ -18,6 +18,8 @@ use crate::train::{self, Trainer};
 pub const PRESETS: [&str; 3] = ["lenet5", "lenet5_reg", "custom_mlp"];
 const WARMUP_STEPS: usize = 20;
 const EVAL_BATCH: usize = 1000;
+/// Distinct batches the timed steps cycle through.
+const BATCH_POOL: usize = 100;
 
 /// The reference's training set-up for a preset: SGD, lr 0.01, momentum 0.9, and
 /// for `lenet5_reg` BatchNorm with weight decay 5e-4.
@@ -62,13 +64,13 @@ pub fn measure(
 ) -> anyhow::Result<Throughput> {
     let config = preset_config(preset, batch_size).map_err(anyhow::Error::msg)?;
     let mut trainer = Trainer::new(&config, data.side, device)?;
-    let batches = random_batches(data, batch_size, WARMUP_STEPS + steps, device)?;
-    let (warmup, timed) = batches.split_at(WARMUP_STEPS);
-    for (images, labels) in warmup {
+    // A bounded pool of batches, cycled: memory stays flat however many steps.
+    let batches = random_batches(data, batch_size, BATCH_POOL, device)?;
+    for (images, labels) in batches.iter().cycle().take(WARMUP_STEPS) {
         trainer.train_step(images, labels, 0.01)?;
     }
     let start = Instant::now();
-    for (images, labels) in timed {
+    for (images, labels) in batches.iter().cycle().take(steps) {
         trainer.train_step(images, labels, 0.01)?;
     }
     device.synchronize()?;

@@ -14,7 +14,7 @@ use crate::plots;
 use crate::progress;
 use crate::rundir::{self, EpochMetrics, RunDir, Status, Summary};
 use crate::telemetry::EventCapture;
-use crate::train::{Score, Trainer};
+use crate::train::{self, Score, Trainer};
 
 /// What a finished run produced.
 #[derive(Debug, Clone)]
@@ -86,6 +86,14 @@ pub fn run(config: &Config, runs_dir: &Path) -> anyhow::Result<RunOutcome> {
                 wall_secs = summary.wall_secs,
                 peak_rss_mb = summary.peak_rss_mb,
                 "run completed"
+            );
+        }
+        Err(_) if train::stop_requested() => {
+            summary.status = Status::Interrupted;
+            summary.error = Some("interrupted by Ctrl-C".into());
+            tracing::warn!(
+                epochs_completed = summary.epochs_completed,
+                "run interrupted"
             );
         }
         Err(error) => {

@@ -181,6 +181,25 @@ impl ConvShape {
     }
 }
 
+/// The thread pool the kernels run on, sized like Candle's (`--threads`).
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(candle_core::utils::get_num_threads())
+            .thread_name(|i| format!("mnist-lab-{i}"))
+            .build()
+            .expect("cannot start the kernel thread pool")
+    })
+}
+
+/// Runs `work` (a training step, an evaluation) on the kernels' thread pool, so
+/// the caller is one of its workers: parallel loops inside then need no hand-off
+/// to another thread and back.
+pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    pool().install(work)
+}
+
 fn threads() -> Parallelism {
     Parallelism::Rayon(rayon::current_num_threads())
 }
@@ -254,9 +273,10 @@ impl CustomOp3 for Conv2d {
                     },
                 );
         }
-        out.par_chunks_mut(p).enumerate().for_each(|(row, plane)| {
-            let bias = b[row % s.c_out];
-            plane.iter_mut().for_each(|v| *v += bias);
+        out.par_chunks_mut(s.output_len()).for_each(|image| {
+            for (plane, &bias) in image.chunks_mut(p).zip(b) {
+                plane.iter_mut().for_each(|v| *v += bias);
+            }
         });
         Ok((
             CpuStorage::F32(out),
@@ -472,16 +492,19 @@ impl CustomOp1 for MaxPool2x2 {
         let x = f32_data(xs, xl, self.name())?;
         let (oh, ow) = (h / 2, w / 2);
         let mut out = vec![0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(out, plane)| {
-                for oy in 0..oh {
-                    let (top, bottom) =
-                        (&plane[2 * oy * w..][..w], &plane[(2 * oy + 1) * w..][..w]);
-                    for ox in 0..ow {
-                        let a = top[2 * ox].max(top[2 * ox + 1]);
-                        let b = bottom[2 * ox].max(bottom[2 * ox + 1]);
-                        out[oy * ow + ox] = a.max(b);
+        // Threads take whole images: per-plane tasks would be too small to pay off.
+        out.par_chunks_mut(c * oh * ow)
+            .zip(x.par_chunks(c * h * w))
+            .for_each(|(out, image)| {
+                for (out, plane) in out.chunks_mut(oh * ow).zip(image.chunks(h * w)) {
+                    for oy in 0..oh {
+                        let (top, bottom) =
+                            (&plane[2 * oy * w..][..w], &plane[(2 * oy + 1) * w..][..w]);
+                        for ox in 0..ow {
+                            let a = top[2 * ox].max(top[2 * ox + 1]);
+                            let b = bottom[2 * ox].max(bottom[2 * ox + 1]);
+                            out[oy * ow + ox] = a.max(b);
+                        }
                     }
                 }
             });
@@ -511,34 +534,40 @@ impl CustomOp3 for MaxPool2x2Grad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, h, w) = xl.shape().dims4()?;
+        let (_, c, h, w) = xl.shape().dims4()?;
         let (oh, ow) = (h / 2, w / 2);
         let x = f32_data(xs, xl, self.name())?;
         let out = f32_data(os, ol, self.name())?;
         let g = f32_data(gs, gl, self.name())?;
         let mut grad_x = vec![0f32; x.len()];
-        grad_x
-            .par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w))
-            .zip(out.par_chunks(oh * ow).zip(g.par_chunks(oh * ow)))
-            .for_each(|((grad_plane, plane), (out, g))| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let max = out[oy * ow + ox];
-                        let window = [
-                            (2 * oy) * w + 2 * ox,
-                            (2 * oy) * w + 2 * ox + 1,
-                            (2 * oy + 1) * w + 2 * ox,
-                            (2 * oy + 1) * w + 2 * ox + 1,
-                        ];
-                        let arg = window
-                            .into_iter()
-                            .find(|&i| plane[i] == max)
-                            .unwrap_or(window[0]);
-                        grad_plane[arg] = g[oy * ow + ox];
-                    }
-                }
+        let planes = grad_x
+            .par_chunks_mut(c * h * w)
+            .zip(x.par_chunks(c * h * w))
+            .zip(out.par_chunks(c * oh * ow).zip(g.par_chunks(c * oh * ow)))
+            .flat_map_iter(|((grad_image, image), (out, g))| {
+                grad_image
+                    .chunks_mut(h * w)
+                    .zip(image.chunks(h * w))
+                    .zip(out.chunks(oh * ow).zip(g.chunks(oh * ow)))
             });
+        planes.for_each(|((grad_plane, plane), (out, g))| {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let max = out[oy * ow + ox];
+                    let window = [
+                        (2 * oy) * w + 2 * ox,
+                        (2 * oy) * w + 2 * ox + 1,
+                        (2 * oy + 1) * w + 2 * ox,
+                        (2 * oy + 1) * w + 2 * ox + 1,
+                    ];
+                    let arg = window
+                        .into_iter()
+                        .find(|&i| plane[i] == max)
+                        .unwrap_or(window[0]);
+                    grad_plane[arg] = g[oy * ow + ox];
+                }
+            }
+        });
         Ok((CpuStorage::F32(grad_x), xl.shape().clone()))
     }
 }
@@ -634,26 +663,74 @@ fn channel_dims(shape: &Shape) -> Result<(usize, usize, usize)> {
     Ok((dims[0], dims[1], dims[2..].iter().product()))
 }
 
-/// Per-channel mean and biased variance over batch and positions.
-fn channel_moments(x: &[f32], (n, c, s): (usize, usize, usize)) -> Vec<(f32, f32)> {
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let planes = || (0..n).map(move |i| &x[(i * c + ch) * s..][..s]);
-            let count = (n * s) as f64;
-            let mean = planes().flatten().map(|&v| v as f64).sum::<f64>() / count;
-            let var = planes()
-                .flatten()
-                .map(|&v| (v as f64 - mean).powi(2))
-                .sum::<f64>()
-                / count;
-            (mean as f32, var as f32)
-        })
-        .collect()
+/// Sum of `f(a[i], b[i])` in eight independent lanes, so the compiler vectorises it.
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (ca, cb) in chunks_a.zip(chunks_b) {
+        for lane in 0..8 {
+            lanes[lane] += f(ca[lane], cb[lane]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Per-channel sums over the batch of `f(plane of a, plane of b, channel)`, each
+/// plane's sum in f32 and the running totals in f64; threads take whole images.
+fn channel_sums(
+    a: &[f32],
+    b: &[f32],
+    (_, c, s): (usize, usize, usize),
+    f: impl Fn(&[f32], &[f32], usize) -> f32 + Sync,
+) -> Vec<f64> {
+    a.par_chunks(c * s)
+        .zip(b.par_chunks(c * s))
+        .fold(
+            || vec![0f64; c],
+            |mut totals, (image_a, image_b)| {
+                for (ch, (pa, pb)) in image_a.chunks(s).zip(image_b.chunks(s)).enumerate() {
+                    totals[ch] += f(pa, pb, ch) as f64;
+                }
+                totals
+            },
+        )
+        .reduce(
+            || vec![0f64; c],
+            |mut x, y| {
+                x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+                x
+            },
+        )
+}
+
+/// Per-channel mean and biased variance (two passes, for accuracy).
+fn channel_moments(x: &[f32], dims: (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
+    let count = (dims.0 * dims.2) as f64;
+    let means: Vec<f32> = channel_sums(x, x, dims, |p, _, _| lane_sum(p, p, |v, _| v))
+        .into_iter()
+        .map(|sum| (sum / count) as f32)
+        .collect();
+    let vars = channel_sums(x, x, dims, |p, _, ch| {
+        let mean = means[ch];
+        lane_sum(p, p, |v, _| (v - mean) * (v - mean))
+    })
+    .into_iter()
+    .map(|sum| (sum / count) as f32)
+    .collect();
+    (means, vars)
 }
 
 /// BatchNorm in training mode: normalises each channel with the batch's own mean
-/// and variance, then applies (weight, bias).
+/// and variance, then applies (weight, bias). Its output packs
+/// `[y..., batch means..., batch variances...]` so neither the running statistics
+/// nor the backward pass compute the moments again.
 struct BatchNormTrain {
     eps: f32,
 }
@@ -679,26 +756,28 @@ impl CustomOp3 for BatchNormTrain {
             f32_data(ws, wl, self.name())?,
             f32_data(bs, bl, self.name())?,
         );
-        let moments = channel_moments(x, dims);
-        let affine: Vec<(f32, f32)> = moments
-            .iter()
-            .zip(w.iter().zip(b))
-            .map(|(&(mean, var), (&w, &b))| {
-                let scale = w / (var + self.eps).sqrt();
-                (scale, b - mean * scale)
+        let (means, vars) = channel_moments(x, dims);
+        let affine: Vec<(f32, f32)> = (0..c)
+            .map(|ch| {
+                let scale = w[ch] / (vars[ch] + self.eps).sqrt();
+                (scale, b[ch] - means[ch] * scale)
             })
             .collect();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(s)
-            .zip(x.par_chunks(s))
-            .enumerate()
-            .for_each(|(i, (y, x))| {
-                let (scale, shift) = affine[i % c];
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * scale + shift;
+        let mut packed = vec![0f32; x.len() + 2 * c];
+        let (y, stats) = packed.split_at_mut(x.len());
+        y.par_chunks_mut(c * s)
+            .zip(x.par_chunks(c * s))
+            .for_each(|(y, x)| {
+                for ((y, x), &(scale, shift)) in y.chunks_mut(s).zip(x.chunks(s)).zip(&affine) {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = x * scale + shift;
+                    }
                 }
             });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        stats[..c].copy_from_slice(&means);
+        stats[c..].copy_from_slice(&vars);
+        let len = packed.len();
+        Ok((CpuStorage::F32(packed), Shape::from(len)))
     }
 
     fn bwd(
@@ -706,23 +785,27 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         w: &Tensor,
         _b: &Tensor,
-        _y: &Tensor,
-        grad_y: &Tensor,
+        packed: &Tensor,
+        grad_packed: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad_y = grad_y.contiguous()?;
-        let c = w.elem_count();
-        let packed = x.apply_op3_no_bwd(w, &grad_y, &BatchNormGrad { eps: self.eps })?;
-        let len = x.elem_count();
-        let grad_x = packed.narrow(0, 0, len)?.reshape(x.shape())?;
-        let grad_w = packed.narrow(0, len, c)?;
-        let grad_b = packed.narrow(0, len + c, c)?;
+        let grad = BatchNormGrad {
+            eps: self.eps,
+            weight: w.to_vec1::<f32>()?,
+        };
+        let grads = x.apply_op3_no_bwd(packed, &grad_packed.contiguous()?, &grad)?;
+        let (len, c) = (x.elem_count(), w.elem_count());
+        let grad_x = grads.narrow(0, 0, len)?.reshape(x.shape())?;
+        let grad_w = grads.narrow(0, len, c)?;
+        let grad_b = grads.narrow(0, len + c, c)?;
         Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     }
 }
 
-/// Gradients of [`BatchNormTrain`], packed as `[grad_x..., grad_weight..., grad_bias...]`.
+/// Gradients of [`BatchNormTrain`] from (x, its packed output, the packed output's
+/// gradient), packed as `[grad_x..., grad_weight..., grad_bias...]`.
 struct BatchNormGrad {
     eps: f32,
+    weight: Vec<f32>,
 }
 
 impl CustomOp3 for BatchNormGrad {
@@ -734,77 +817,50 @@ impl CustomOp3 for BatchNormGrad {
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = channel_dims(xl.shape())?;
         let (n, c, s) = dims;
         let x = f32_data(xs, xl, self.name())?;
-        let w = f32_data(ws, wl, self.name())?;
-        let g = f32_data(gs, gl, self.name())?;
-        let moments = channel_moments(x, dims);
+        let stats = &f32_data(ps, pl, self.name())?[x.len()..];
+        // Only the y part of the packed output carries gradient.
+        let g = &f32_data(gs, gl, self.name())?[..x.len()];
+        let (means, vars) = stats.split_at(c);
+        let inv_std: Vec<f32> = vars.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let sum_g = channel_sums(g, g, dims, |p, _, _| lane_sum(p, p, |v, _| v));
+        let sum_g_xhat = channel_sums(g, x, dims, |pg, px, ch| {
+            let (mean, inv) = (means[ch], inv_std[ch]);
+            lane_sum(pg, px, |g, x| g * (x - mean) * inv)
+        });
         let count = (n * s) as f32;
-        // Per channel: sum(dy) and sum(dy * x_hat) give the bias and weight gradients.
-        let sums: Vec<(f32, f32, f32)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mean, var) = moments[ch];
-                let inv_std = 1.0 / (var + self.eps).sqrt();
-                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                for i in 0..n {
-                    let at = (i * c + ch) * s;
-                    for (&gv, &xv) in g[at..at + s].iter().zip(&x[at..at + s]) {
-                        sum_g += gv as f64;
-                        sum_gx += (gv * (xv - mean) * inv_std) as f64;
-                    }
-                }
-                (inv_std, sum_g as f32, sum_gx as f32)
-            })
-            .collect();
         let mut out = vec![0f32; x.len() + 2 * c];
         let (grad_x, grad_affine) = out.split_at_mut(x.len());
         grad_x
-            .par_chunks_mut(s)
-            .zip(x.par_chunks(s).zip(g.par_chunks(s)))
-            .enumerate()
-            .for_each(|(i, (dx, (x, g)))| {
-                let ch = i % c;
-                let (mean, _) = moments[ch];
-                let (inv_std, sum_g, sum_gx) = sums[ch];
-                let k = w[ch] * inv_std / count;
-                for ((dx, &xv), &gv) in dx.iter_mut().zip(x).zip(g) {
-                    let x_hat = (xv - mean) * inv_std;
-                    *dx = k * (count * gv - sum_g - x_hat * sum_gx);
+            .par_chunks_mut(c * s)
+            .zip(x.par_chunks(c * s).zip(g.par_chunks(c * s)))
+            .for_each(|(dx, (x, g))| {
+                for (ch, (dx, (x, g))) in dx
+                    .chunks_mut(s)
+                    .zip(x.chunks(s).zip(g.chunks(s)))
+                    .enumerate()
+                {
+                    let (mean, inv) = (means[ch], inv_std[ch]);
+                    let (sg, sgx) = (sum_g[ch] as f32, sum_g_xhat[ch] as f32);
+                    let k = self.weight[ch] * inv / count;
+                    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                        *dx = k * (count * g - sg - (x - mean) * inv * sgx);
+                    }
                 }
             });
-        for (ch, &(_, sum_g, sum_gx)) in sums.iter().enumerate() {
-            grad_affine[ch] = sum_gx;
-            grad_affine[c + ch] = sum_g;
+        for ch in 0..c {
+            grad_affine[ch] = sum_g_xhat[ch] as f32;
+            grad_affine[c + ch] = sum_g[ch] as f32;
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
-    }
-}
-
-/// Per-channel mean and biased variance, `(n, c, ...) -> (2, c)`: for the
-/// running statistics.
-struct ChannelMoments;
-
-impl CustomOp1 for ChannelMoments {
-    fn name(&self) -> &'static str {
-        "mnist-lab-channel-moments"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = channel_dims(xl.shape())?;
-        let moments = channel_moments(f32_data(xs, xl, self.name())?, dims);
-        let (means, vars): (Vec<f32>, Vec<f32>) = moments.into_iter().unzip();
-        Ok((
-            CpuStorage::F32([means, vars].concat()),
-            Shape::from((2, dims.1)),
-        ))
     }
 }
 
@@ -817,9 +873,11 @@ pub fn batch_norm_train(
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let x = x.contiguous()?;
-    let moments = x.detach().apply_op1_no_bwd(&ChannelMoments)?;
-    let y = x.apply_op3(weight, bias, BatchNormTrain { eps: eps as f32 })?;
-    Ok((y, moments.get(0)?, moments.get(1)?))
+    let (len, c) = (x.elem_count(), weight.elem_count());
+    let packed = x.apply_op3(weight, bias, BatchNormTrain { eps: eps as f32 })?;
+    let y = packed.narrow(0, 0, len)?.reshape(x.shape())?;
+    let stats = packed.narrow(0, len, 2 * c)?.detach();
+    Ok((y, stats.narrow(0, 0, c)?, stats.narrow(0, c, c)?))
 }
 
 /// `conv2d(x, w) + b` (valid, stride 1), with the fast kernel on the CPU.

@@ -82,6 +82,13 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     telemetry::init();
+    // First Ctrl-C: finish the batch, write the run's files, exit. Second: exit now.
+    let _ = ctrlc::set_handler(|| {
+        if mnist_lab::train::request_stop() {
+            std::process::exit(130);
+        }
+        eprintln!("stopping after this batch (Ctrl-C again to quit at once)");
+    });
     match Cli::parse().command.execute() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

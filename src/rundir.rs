@@ -57,6 +57,8 @@ pub enum Status {
     Running,
     Completed,
     Failed,
+    /// Stopped by Ctrl-C; the checkpoints and metrics of finished epochs remain.
+    Interrupted,
 }
 
 /// `summary.json`: written when the run starts and again when it ends.

@@ -1,5 +1,7 @@
 //! The training loop: one epoch of shuffled mini-batches, and evaluation.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
@@ -8,8 +10,23 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::Config;
 use crate::data::Tensors;
+use crate::kernels;
 use crate::models::{self, Classifier};
 use crate::optim::{self, Optimizer};
+
+/// Set (by the Ctrl-C handler) to stop training after the current batch.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks running training loops to stop after their current batch; returns whether
+/// a stop had already been requested.
+pub fn request_stop() -> bool {
+    STOP_REQUESTED.swap(true, Ordering::SeqCst)
+}
+
+/// Whether a stop was requested: a run that then errs was interrupted.
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
+}
 
 /// Mean loss and accuracy over a set of images.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,6 +95,9 @@ impl Trainer {
         let mut correct = Tensor::zeros((), DType::F32, device)?;
         let mut seen = 0usize;
         for (index, chunk) in order.chunks(batch_size).enumerate() {
+            if STOP_REQUESTED.load(Ordering::Relaxed) {
+                return Err(candle_core::Error::Msg("interrupted".into()));
+            }
             // A batch of one has no batch variance for BatchNorm: skip that remainder.
             if chunk.len() < 2 && self.config.model.batch_norm {
                 continue;
@@ -106,9 +126,14 @@ impl Trainer {
         labels: &Tensor,
         lr: f64,
     ) -> Result<(Tensor, Tensor)> {
-        let logits = self.model.logits(images, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
-        self.optimizer.step(&loss.backward()?, lr)?;
+        let model = self.model.as_ref();
+        let (logits, loss, grads) = kernels::install(|| -> Result<_> {
+            let logits = model.logits(images, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+            let grads = loss.backward()?;
+            Ok((logits, loss, grads))
+        })?;
+        self.optimizer.step(&grads, lr)?;
         self.steps += 1;
         Ok((loss.detach(), logits.detach()))
     }
@@ -129,7 +154,7 @@ pub fn evaluate(model: &dyn Classifier, set: &Tensors, batch_size: usize) -> Res
     for start in (0..n).step_by(batch_size) {
         let len = batch_size.min(n - start);
         let batch = set.slice(start, len)?;
-        let logits = model.logits(&batch.images, false)?.detach();
+        let logits = kernels::install(|| model.logits(&batch.images, false))?.detach();
         let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
         loss_sum = (loss_sum + (loss * len as f64)?)?;
         correct = (correct + count_correct(&logits, &batch.labels)?)?;
