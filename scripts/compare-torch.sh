@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Side-by-side throughput of mnist-lab and the PyTorch reference on this machine:
+# for each model and batch size, one right after the other, same threads.
+#
+#   TORCH_PYTHON=/tmp/torchenv/bin/python scripts/compare-torch.sh [THREADS] [STEPS]
+#
+# Needs the reference's environment (see ../shared/peers/README.md) and MNIST_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads="${1:-2}"
+steps="${2:-200}"
+python="${TORCH_PYTHON:-/tmp/torchenv/bin/python}"
+reference="${TORCH_REF:-../shared/peers/torch_ref.py}"
+cargo build --release --quiet
+figure() { grep "^$1=" | cut -d= -f2; }
+echo "| model | batch | mnist-lab train/s | PyTorch train/s | ratio | mnist-lab eval/s | PyTorch eval/s | ratio |"
+echo "|---|---|---|---|---|---|---|---|"
+for model in lenet5 lenet5_reg custom_mlp; do
+  for batch in 64 256; do
+    ours=$(./target/release/mnist-lab bench --model "$model" --batch-size "$batch" --threads "$threads" --steps "$steps" 2>/dev/null)
+    theirs=$("$python" "$reference" --model "$model" --batch-size "$batch" --threads "$threads" --bench-steps "$steps" 2>/dev/null)
+    ot=$(figure train_images_per_s <<<"$ours"); oe=$(figure eval_images_per_s <<<"$ours")
+    tt=$(figure train_images_per_s <<<"$theirs"); te=$(figure eval_images_per_s <<<"$theirs")
+    awk -v m="$model" -v b="$batch" -v ot="$ot" -v tt="$tt" -v oe="$oe" -v te="$te" \
+      'BEGIN { printf "| %s | %d | %d | %d | %.2fx | %d | %d | %.2fx |\n", m, b, ot, tt, ot / tt, oe, te, oe / te }'
+  done
+done

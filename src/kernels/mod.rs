@@ -1,0 +1,174 @@
+//! Fast CPU kernels for the layers LeNet5 spends its time in, as Candle custom
+//! ops with their own backward passes: convolution (im2col into a blocked GEMM
+//! from the `gemm` crate, threaded over images), 2x2 max-pooling and tanh.
+//!
+//! The functions at the bottom ([`conv2d`], [`max_pool2x2`], [`tanh`]) pick these
+//! kernels for CPU tensors and Candle's own ops elsewhere (CUDA), so models call
+//! them without caring where they run.
+
+use candle_core::{CpuStorage, Layout, Result, Tensor};
+use gemm::Parallelism;
+
+mod activation;
+mod conv;
+mod norm;
+mod pool;
+
+use activation::Tanh;
+use conv::Conv2d;
+use pool::MaxPool2x2;
+
+pub use activation::fast_tanh;
+pub use norm::batch_norm_train;
+
+/// The contiguous f32 data of a CPU tensor argument.
+fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: expected f32 tensors");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// `dst (m x n) = [dst +] lhs (m x k) . rhs (k x n)`, each matrix given by its data
+/// and (row stride, column stride), so transposes cost nothing.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_strides: (usize, usize),
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    let last = |(rs, cs): (usize, usize), rows: usize, cols: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(
+        dst.len() >= last(dst_strides, m, n),
+        "matmul: dst too small"
+    );
+    assert!(
+        lhs.len() >= last(lhs_strides, m, k),
+        "matmul: lhs too small"
+    );
+    assert!(
+        rhs.len() >= last(rhs_strides, k, n),
+        "matmul: rhs too small"
+    );
+    // SAFETY: the assertions above keep every index the strides reach in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_strides.1 as isize,
+            dst_strides.0 as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.1 as isize,
+            lhs_strides.0 as isize,
+            rhs.as_ptr(),
+            rhs_strides.1 as isize,
+            rhs_strides.0 as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The thread pool the kernels run on, sized like Candle's (`--threads`).
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(candle_core::utils::get_num_threads())
+            .thread_name(|i| format!("mnist-lab-{i}"))
+            .build()
+            .expect("cannot start the kernel thread pool")
+    })
+}
+
+/// Runs `work` (a training step, an evaluation) on the kernels' thread pool, so
+/// the caller is one of its workers: parallel loops inside then need no hand-off
+/// to another thread and back.
+pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    pool().install(work)
+}
+
+fn threads() -> Parallelism {
+    Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// `conv2d(x, w) + b` (valid, stride 1), with the fast kernel on the CPU.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d)
+    } else {
+        x.conv2d(w, 0, 1, 1, 1)?
+            .broadcast_add(&b.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// 2x2 max-pooling, stride 2.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(MaxPool2x2)
+    } else {
+        // Candle's max_pool2d backward scales gradients by 1/4; max over reshaped
+        // windows routes them to the maxima unscaled.
+        let (n, c, h, w) = x.dims4()?;
+        x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+    }
+}
+
+/// Elementwise tanh.
+pub fn tanh(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(Tanh)
+    } else {
+        x.tanh()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
+
+    pub fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}
