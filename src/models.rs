@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use candle_core::Var;
 use candle_core::{D, DType, Device, Module, ModuleT, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder, VarMap};
+use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -142,6 +142,29 @@ impl ModuleT for BatchNorm {
     }
 }
 
+/// A fully connected layer with bias, on the fast kernels.
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn new(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Linear> {
+        // Placeholder initial values: `init_like_pytorch` draws the real ones.
+        let init = Init::Const(0.0);
+        Ok(Linear {
+            weight: vb.get_with_hints((outputs, inputs), "weight", init)?,
+            bias: vb.get_with_hints(outputs, "bias", init)?,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::linear(x, &self.weight, &self.bias)
+    }
+}
+
 /// A 2-D convolution (valid padding, stride 1) with bias, on the fast kernels.
 struct Conv {
     weight: Tensor,
@@ -151,7 +174,7 @@ struct Conv {
 impl Conv {
     fn new(c_in: usize, c_out: usize, kernel: usize, vb: VarBuilder) -> Result<Conv> {
         // Placeholder initial values: `init_like_pytorch` draws the real ones.
-        let init = candle_nn::Init::Const(0.0);
+        let init = Init::Const(0.0);
         Ok(Conv {
             weight: vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", init)?,
             bias: vb.get_with_hints(c_out, "bias", init)?,
@@ -196,10 +219,10 @@ impl LeNet5 {
                 norm_of(batch_norm, 120, &vb, "bn3"),
             )?,
             fc1: Block::new(
-                candle_nn::linear(120, 84, vb.pp("fc1"))?,
+                Linear::new(120, 84, vb.pp("fc1"))?,
                 norm_of(batch_norm, 84, &vb, "bn4"),
             )?,
-            fc2: candle_nn::linear(84, NUM_CLASSES, vb.pp("fc2"))?,
+            fc2: Linear::new(84, NUM_CLASSES, vb.pp("fc2"))?,
             dropout,
         })
     }
@@ -238,7 +261,7 @@ impl CustomMlp {
         let hidden = (1..=MLP_HIDDEN_LAYERS)
             .map(|i| {
                 let fan_in = if i == 1 { inputs } else { MLP_HIDDEN };
-                let layer = candle_nn::linear(fan_in, MLP_HIDDEN, vb.pp(format!("fc{i}")))?;
+                let layer = Linear::new(fan_in, MLP_HIDDEN, vb.pp(format!("fc{i}")))?;
                 Block::new(
                     layer,
                     norm_of(batch_norm, MLP_HIDDEN, &vb, &format!("bn{i}")),
@@ -248,7 +271,7 @@ impl CustomMlp {
         let output_name = format!("fc{}", MLP_HIDDEN_LAYERS + 1);
         Ok(CustomMlp {
             hidden,
-            output: candle_nn::linear(MLP_HIDDEN, NUM_CLASSES, vb.pp(output_name))?,
+            output: Linear::new(MLP_HIDDEN, NUM_CLASSES, vb.pp(output_name))?,
             dropout,
         })
     }

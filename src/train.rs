@@ -129,7 +129,7 @@ impl Trainer {
         let model = self.model.as_ref();
         let (logits, loss, grads) = kernels::install(|| -> Result<_> {
             let logits = model.logits(images, true)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+            let loss = kernels::cross_entropy(&logits, labels)?;
             let grads = loss.backward()?;
             Ok((logits, loss, grads))
         })?;
@@ -155,7 +155,7 @@ pub fn evaluate(model: &dyn Classifier, set: &Tensors, batch_size: usize) -> Res
         let len = batch_size.min(n - start);
         let batch = set.slice(start, len)?;
         let logits = kernels::install(|| model.logits(&batch.images, false))?.detach();
-        let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+        let loss = kernels::cross_entropy(&logits, &batch.labels)?;
         loss_sum = (loss_sum + (loss * len as f64)?)?;
         correct = (correct + count_correct(&logits, &batch.labels)?)?;
     }

@@ -11,11 +11,15 @@ use gemm::Parallelism;
 
 mod activation;
 mod conv;
+mod linear;
+mod loss;
 mod norm;
 mod pool;
 
 use activation::Tanh;
 use conv::Conv2d;
+use linear::Linear;
+use loss::CrossEntropy;
 use pool::MaxPool2x2;
 
 pub use activation::fast_tanh;
@@ -134,6 +138,24 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
         // windows routes them to the maxima unscaled.
         let (n, c, h, w) = x.dims4()?;
         x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+    }
+}
+
+/// `x . w^T + b` for x `(n, in)`, w `(out, in)`, b `(out,)`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+    } else {
+        x.matmul(&w.t()?)?.broadcast_add(b)
+    }
+}
+
+/// Mean cross-entropy of `logits` `(n, classes)` against u32 `labels` `(n,)`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() {
+        logits.contiguous()?.apply_op2(&labels.contiguous()?, CrossEntropy)
+    } else {
+        candle_nn::loss::cross_entropy(logits, labels)
     }
 }
 

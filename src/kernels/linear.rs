@@ -1,0 +1,148 @@
+//! Fully connected layer `y = x . w^T + b` as one op: the bias is added inside the
+//! GEMM, and the backward pass computes the weight and bias gradients together.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{f32_data, matmul, threads};
+
+/// `y = x . w^T + b`: x `(n, in)`, w `(out, in)`, b `(out,)`.
+pub(super) struct Linear;
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "mnist-lab-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, inputs) = xl.shape().dims2()?;
+        let (outputs, w_inputs) = wl.shape().dims2()?;
+        if w_inputs != inputs || bl.shape().elem_count() != outputs {
+            candle_core::bail!(
+                "linear: input {:?} does not fit weight {:?} and bias {:?}",
+                xl.shape(),
+                wl.shape(),
+                bl.shape()
+            );
+        }
+        let (x, w, b) = (
+            f32_data(xs, xl, self.name())?,
+            f32_data(ws, wl, self.name())?,
+            f32_data(bs, bl, self.name())?,
+        );
+        // Start from the bias in every row and let the GEMM accumulate onto it.
+        let mut y: Vec<f32> = b.iter().copied().cycle().take(n * outputs).collect();
+        let dims = (n, outputs, inputs);
+        matmul(dims, &mut y, (outputs, 1), x, (inputs, 1), w, (1, inputs), true, threads());
+        Ok((CpuStorage::F32(y), Shape::from((n, outputs))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_y = grad_y.contiguous()?;
+        let grad_x = if x.track_op() {
+            Some(grad_y.apply_op2_no_bwd(w, &LinearGradInput)?)
+        } else {
+            None
+        };
+        let packed = x.apply_op2_no_bwd(&grad_y, &LinearGradParams)?;
+        let (outputs, inputs) = w.dims2()?;
+        let grad_w = packed.narrow(0, 0, outputs * inputs)?.reshape((outputs, inputs))?;
+        let grad_b = packed.narrow(0, outputs * inputs, outputs)?;
+        Ok((grad_x, Some(grad_w), Some(grad_b)))
+    }
+}
+
+/// `grad_x = grad_y . w`, from (grad_y, w).
+struct LinearGradInput;
+
+impl CustomOp2 for LinearGradInput {
+    fn name(&self) -> &'static str {
+        "mnist-lab-linear-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, outputs) = gl.shape().dims2()?;
+        let (_, inputs) = wl.shape().dims2()?;
+        let (g, w) = (f32_data(gs, gl, self.name())?, f32_data(ws, wl, self.name())?);
+        let mut grad_x = vec![0f32; n * inputs];
+        let dims = (n, inputs, outputs);
+        matmul(dims, &mut grad_x, (inputs, 1), g, (outputs, 1), w, (inputs, 1), false, threads());
+        Ok((CpuStorage::F32(grad_x), Shape::from((n, inputs))))
+    }
+}
+
+/// `[grad_w = grad_y^T . x, grad_b = column sums of grad_y]`, packed, from (x, grad_y).
+struct LinearGradParams;
+
+impl CustomOp2 for LinearGradParams {
+    fn name(&self) -> &'static str {
+        "mnist-lab-linear-grad-params"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, inputs) = xl.shape().dims2()?;
+        let (_, outputs) = gl.shape().dims2()?;
+        let (x, g) = (f32_data(xs, xl, self.name())?, f32_data(gs, gl, self.name())?);
+        let mut packed = vec![0f32; outputs * inputs + outputs];
+        let (grad_w, grad_b) = packed.split_at_mut(outputs * inputs);
+        let dims = (outputs, inputs, n);
+        matmul(dims, grad_w, (inputs, 1), g, (1, outputs), x, (inputs, 1), false, threads());
+        for row in g.chunks_exact(outputs) {
+            grad_b.iter_mut().zip(row).for_each(|(sum, v)| *sum += v);
+        }
+        let len = packed.len();
+        Ok((CpuStorage::F32(packed), Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::kernels::linear;
+    use crate::kernels::testing::{max_diff, random};
+    use candle_core::Var;
+
+    #[test]
+    fn linear_matches_candle_forward_and_backward() {
+        for (n, inputs, outputs) in [(5, 7, 3), (64, 1024, 48), (1, 120, 84)] {
+            let x = Var::from_tensor(&random(&[n, inputs], 1)).unwrap();
+            let w = Var::from_tensor(&random(&[outputs, inputs], 2)).unwrap();
+            let b = Var::from_tensor(&random(&[outputs], 3)).unwrap();
+            let ours = linear(&x, &w, &b).unwrap();
+            let reference = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-4);
+            let weights = random(ours.dims(), 4);
+            let a = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let r = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in [("x", &x), ("w", &w), ("b", &b)] {
+                let d = max_diff(a.get(var).unwrap(), r.get(var).unwrap());
+                assert!(d < 1e-3, "grad {name} ({n}, {inputs}, {outputs}): {d}");
+            }
+        }
+    }
+}
