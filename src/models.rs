@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ModelConfig, ModelKind};
 use crate::data::NUM_CLASSES;
-use crate::kernels;
+use crate::kernels::{self, BatchStats, Norm};
 
 /// A classifier: images `(n, 1, side, side)` in, logits `(n, 10)` out.
 pub trait Classifier: Send + Sync {
@@ -42,34 +42,83 @@ pub fn build(
     Ok(model)
 }
 
-/// A layer, then BatchNorm when enabled, then tanh: the unit both networks repeat.
+/// A layer, then BatchNorm when enabled, then tanh, then 2x2 max-pooling when
+/// `pool`: the unit both networks repeat.
 struct Block<L> {
     layer: L,
     norm: Option<BatchNorm>,
+    pool: bool,
+    /// Ones and zeros per channel: the identity affine map of the fused CPU
+    /// activation when there is no BatchNorm.
+    identity: (Tensor, Tensor),
 }
 
 impl<L> Block<L> {
-    fn new(layer: L, norm_features: Option<(usize, VarBuilder)>) -> Result<Self> {
-        let norm = norm_features
-            .map(|(features, vb)| BatchNorm::new(features, vb))
-            .transpose()?;
-        Ok(Block { layer, norm })
+    fn new(
+        layer: L,
+        channels: usize,
+        norm: Option<VarBuilder>,
+        pool: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Block {
+            layer,
+            norm: norm.map(|vb| BatchNorm::new(channels, vb)).transpose()?,
+            pool,
+            identity: (
+                Tensor::ones(channels, DType::F32, device)?,
+                Tensor::zeros(channels, DType::F32, device)?,
+            ),
+        })
     }
 }
 
 impl<L: Module> ModuleT for Block<L> {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = x.apply(&self.layer)?;
-        let x = match &self.norm {
-            Some(norm) => x.apply_t(norm, train)?,
-            None => x,
-        };
-        kernels::tanh(&x)
+        let z = x.apply(&self.layer)?;
+        if !z.device().is_cpu() {
+            // Candle's ops, for devices without the fused kernel.
+            let z = match &self.norm {
+                Some(norm) => norm.fallback.forward_t(&z, train)?,
+                None => z,
+            };
+            let y = z.tanh()?;
+            return if self.pool {
+                kernels::max_pool2x2(&y)
+            } else {
+                Ok(y)
+            };
+        }
+        match (&self.norm, train) {
+            (None, _) => {
+                let (ones, zeros) = &self.identity;
+                Ok(kernels::activation(&z, Norm::Affine, ones, zeros, self.pool)?.0)
+            }
+            (Some(norm), true) => {
+                let eps = BN_EPS as f32;
+                let (y, stats) = kernels::activation(
+                    &z,
+                    Norm::Batch { eps },
+                    &norm.weight,
+                    &norm.bias,
+                    self.pool,
+                )?;
+                if let Some(stats) = stats {
+                    norm.update_running_stats(stats, z.elem_count() / norm.weight.elem_count())?;
+                }
+                Ok(y)
+            }
+            (Some(norm), false) => {
+                let (scale, shift) = norm.eval_affine()?;
+                Ok(kernels::activation(&z, Norm::Affine, &scale, &shift, self.pool)?.0)
+            }
+        }
     }
 }
 
 /// BatchNorm over dimension 1 with PyTorch's defaults: eps 1e-5, running
-/// statistics updated with momentum 0.1 (the variance unbiased).
+/// statistics updated with momentum 0.1 (the variance unbiased). On the CPU it
+/// runs inside the fused activation of its [`Block`].
 pub struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
@@ -106,39 +155,30 @@ impl BatchNorm {
         })
     }
 
-    /// `(1, c, 1, ...)`: broadcasts a per-channel vector against `x`.
-    fn per_channel(x: &Tensor, values: &Tensor) -> Result<Tensor> {
-        let mut shape = vec![1; x.rank()];
-        shape[1] = values.elem_count();
-        values.reshape(shape)
+    /// Moves the running statistics towards a batch's (`count` values per channel).
+    fn update_running_stats(&self, (means, vars): BatchStats, count: usize) -> Result<()> {
+        let unbiased = count as f32 / (count.max(2) - 1) as f32;
+        let blend = |running: &Var, batch: Vec<f32>| -> Result<()> {
+            let batch = Tensor::from_vec(batch, running.shape(), running.device())?;
+            running.set(
+                &((running.as_detached_tensor() * (1.0 - BN_MOMENTUM))? + (batch * BN_MOMENTUM)?)?,
+            )
+        };
+        blend(&self.running_mean, means)?;
+        blend(
+            &self.running_var,
+            vars.into_iter().map(|v| v * unbiased).collect(),
+        )
     }
-}
 
-impl ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !x.device().is_cpu() {
-            return self.fallback.forward_t(x, train);
-        }
-        if train {
-            let (y, mean, var) = kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS)?;
-            let count = (x.elem_count() / self.weight.elem_count()) as f64;
-            let update = |running: &Var, batch: Tensor| -> Result<()> {
-                let blended = ((running.as_detached_tensor() * (1.0 - BN_MOMENTUM))?
-                    + (batch * BN_MOMENTUM)?)?;
-                running.set(&blended)
-            };
-            update(&self.running_mean, mean)?;
-            update(&self.running_var, (var * (count / (count - 1.0)))?)?;
-            Ok(y)
-        } else {
-            let inv_std = (self.running_var.as_detached_tensor() + BN_EPS)?
-                .sqrt()?
-                .recip()?;
-            let scale = (&self.weight * inv_std)?;
-            let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-            x.broadcast_mul(&Self::per_channel(x, &scale)?)?
-                .broadcast_add(&Self::per_channel(x, &shift)?)
-        }
+    /// Evaluation-mode BatchNorm as `z * scale + shift` per channel.
+    fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        let inv_std = (self.running_var.as_detached_tensor() + BN_EPS)?
+            .sqrt()?
+            .recip()?;
+        let scale = (&self.weight * inv_std)?;
+        let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+        Ok((scale, shift))
     }
 }
 
@@ -188,16 +228,6 @@ impl Module for Conv {
     }
 }
 
-/// `Some((features, vb.pp(name)))` when BatchNorm is on: the argument `Block::new` takes.
-fn norm_of<'a>(
-    batch_norm: bool,
-    features: usize,
-    vb: &VarBuilder<'a>,
-    name: &str,
-) -> Option<(usize, VarBuilder<'a>)> {
-    batch_norm.then(|| (features, vb.pp(name)))
-}
-
 /// LeNet-5 on 32x32 inputs: 61,706 parameters (plus 452 with BatchNorm).
 pub struct LeNet5 {
     conv1: Block<Conv>,
@@ -210,17 +240,22 @@ pub struct LeNet5 {
 
 impl LeNet5 {
     pub fn new(vb: VarBuilder, batch_norm: bool, dropout: Dropout) -> Result<Self> {
-        let conv = |c_in, c_out, name: &str| Conv::new(c_in, c_out, 5, vb.pp(name));
+        let device = vb.device().clone();
+        let norm = |name: &str| batch_norm.then(|| vb.pp(name));
+        let conv_block = |c_in, c_out, name: &str, bn: &str, pool| {
+            let conv = Conv::new(c_in, c_out, 5, vb.pp(name))?;
+            Block::new(conv, c_out, norm(bn), pool, &device)
+        };
         Ok(LeNet5 {
-            conv1: Block::new(conv(1, 6, "conv1")?, norm_of(batch_norm, 6, &vb, "bn1"))?,
-            conv2: Block::new(conv(6, 16, "conv2")?, norm_of(batch_norm, 16, &vb, "bn2"))?,
-            conv3: Block::new(
-                conv(16, 120, "conv3")?,
-                norm_of(batch_norm, 120, &vb, "bn3"),
-            )?,
+            conv1: conv_block(1, 6, "conv1", "bn1", true)?,
+            conv2: conv_block(6, 16, "conv2", "bn2", true)?,
+            conv3: conv_block(16, 120, "conv3", "bn3", false)?,
             fc1: Block::new(
                 Linear::new(120, 84, vb.pp("fc1"))?,
-                norm_of(batch_norm, 84, &vb, "bn4"),
+                84,
+                norm("bn4"),
+                false,
+                &device,
             )?,
             fc2: Linear::new(84, NUM_CLASSES, vb.pp("fc2"))?,
             dropout,
@@ -232,9 +267,7 @@ impl Classifier for LeNet5 {
     fn logits(&self, images: &Tensor, train: bool) -> Result<Tensor> {
         images
             .apply_t(&self.conv1, train)?
-            .apply(&kernels::max_pool2x2)?
             .apply_t(&self.conv2, train)?
-            .apply(&kernels::max_pool2x2)?
             .apply_t(&self.conv3, train)?
             .flatten_from(1)?
             .apply_t(&self.dropout, train)?
@@ -262,10 +295,8 @@ impl CustomMlp {
             .map(|i| {
                 let fan_in = if i == 1 { inputs } else { MLP_HIDDEN };
                 let layer = Linear::new(fan_in, MLP_HIDDEN, vb.pp(format!("fc{i}")))?;
-                Block::new(
-                    layer,
-                    norm_of(batch_norm, MLP_HIDDEN, &vb, &format!("bn{i}")),
-                )
+                let norm = batch_norm.then(|| vb.pp(format!("bn{i}")));
+                Block::new(layer, MLP_HIDDEN, norm, false, vb.device())
             })
             .collect::<Result<Vec<_>>>()?;
         let output_name = format!("fc{}", MLP_HIDDEN_LAYERS + 1);

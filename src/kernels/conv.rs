@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{f32_data, matmul, threads};
+use super::{f32_data, matmul, task_len, threads};
 
 /// Sizes of a valid (unpadded), stride-1 convolution.
 #[derive(Debug, Clone, Copy)]
@@ -176,11 +176,12 @@ impl CustomOp3 for Conv2d {
                     },
                 );
         }
-        out.par_chunks_mut(s.output_len()).for_each(|image| {
-            for (plane, &bias) in image.chunks_mut(p).zip(b) {
-                plane.iter_mut().for_each(|v| *v += bias);
-            }
-        });
+        out.par_chunks_mut(task_len(s.output_len()))
+            .for_each(|images| {
+                for (plane, &bias) in images.chunks_mut(p).zip(b.iter().cycle()) {
+                    plane.iter_mut().for_each(|v| *v += bias);
+                }
+            });
         Ok((
             CpuStorage::F32(out),
             Shape::from((s.batch, s.c_out, s.out_h(), s.out_w())),

@@ -40,7 +40,17 @@ impl CustomOp3 for Linear {
         // Start from the bias in every row and let the GEMM accumulate onto it.
         let mut y: Vec<f32> = b.iter().copied().cycle().take(n * outputs).collect();
         let dims = (n, outputs, inputs);
-        matmul(dims, &mut y, (outputs, 1), x, (inputs, 1), w, (1, inputs), true, threads());
+        matmul(
+            dims,
+            &mut y,
+            (outputs, 1),
+            x,
+            (inputs, 1),
+            w,
+            (1, inputs),
+            true,
+            threads(),
+        );
         Ok((CpuStorage::F32(y), Shape::from((n, outputs))))
     }
 
@@ -60,7 +70,9 @@ impl CustomOp3 for Linear {
         };
         let packed = x.apply_op2_no_bwd(&grad_y, &LinearGradParams)?;
         let (outputs, inputs) = w.dims2()?;
-        let grad_w = packed.narrow(0, 0, outputs * inputs)?.reshape((outputs, inputs))?;
+        let grad_w = packed
+            .narrow(0, 0, outputs * inputs)?
+            .reshape((outputs, inputs))?;
         let grad_b = packed.narrow(0, outputs * inputs, outputs)?;
         Ok((grad_x, Some(grad_w), Some(grad_b)))
     }
@@ -83,10 +95,23 @@ impl CustomOp2 for LinearGradInput {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, outputs) = gl.shape().dims2()?;
         let (_, inputs) = wl.shape().dims2()?;
-        let (g, w) = (f32_data(gs, gl, self.name())?, f32_data(ws, wl, self.name())?);
+        let (g, w) = (
+            f32_data(gs, gl, self.name())?,
+            f32_data(ws, wl, self.name())?,
+        );
         let mut grad_x = vec![0f32; n * inputs];
         let dims = (n, inputs, outputs);
-        matmul(dims, &mut grad_x, (inputs, 1), g, (outputs, 1), w, (inputs, 1), false, threads());
+        matmul(
+            dims,
+            &mut grad_x,
+            (inputs, 1),
+            g,
+            (outputs, 1),
+            w,
+            (inputs, 1),
+            false,
+            threads(),
+        );
         Ok((CpuStorage::F32(grad_x), Shape::from((n, inputs))))
     }
 }
@@ -108,11 +133,24 @@ impl CustomOp2 for LinearGradParams {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, inputs) = xl.shape().dims2()?;
         let (_, outputs) = gl.shape().dims2()?;
-        let (x, g) = (f32_data(xs, xl, self.name())?, f32_data(gs, gl, self.name())?);
+        let (x, g) = (
+            f32_data(xs, xl, self.name())?,
+            f32_data(gs, gl, self.name())?,
+        );
         let mut packed = vec![0f32; outputs * inputs + outputs];
         let (grad_w, grad_b) = packed.split_at_mut(outputs * inputs);
         let dims = (outputs, inputs, n);
-        matmul(dims, grad_w, (inputs, 1), g, (1, outputs), x, (inputs, 1), false, threads());
+        matmul(
+            dims,
+            grad_w,
+            (inputs, 1),
+            g,
+            (1, outputs),
+            x,
+            (inputs, 1),
+            false,
+            threads(),
+        );
         for row in g.chunks_exact(outputs) {
             grad_b.iter_mut().zip(row).for_each(|(sum, v)| *sum += v);
         }
@@ -134,11 +172,25 @@ mod tests {
             let w = Var::from_tensor(&random(&[outputs, inputs], 2)).unwrap();
             let b = Var::from_tensor(&random(&[outputs], 3)).unwrap();
             let ours = linear(&x, &w, &b).unwrap();
-            let reference = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            let reference = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
             assert!(max_diff(&ours, &reference) < 1e-4);
             let weights = random(ours.dims(), 4);
-            let a = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-            let r = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let a = (&ours * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let r = (&reference * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for (name, var) in [("x", &x), ("w", &w), ("b", &b)] {
                 let d = max_diff(a.get(var).unwrap(), r.get(var).unwrap());
                 assert!(d < 1e-3, "grad {name} ({n}, {inputs}, {outputs}): {d}");

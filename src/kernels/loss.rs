@@ -49,7 +49,10 @@ impl CustomOp2 for CrossEntropy {
                 (max + sum.ln() - row[label]) as f64
             })
             .sum();
-        Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
+        Ok((
+            CpuStorage::F32(vec![(total / n as f64) as f32]),
+            Shape::from(()),
+        ))
     }
 
     fn bwd(
@@ -86,7 +89,11 @@ impl CustomOp2 for CrossEntropyGrad {
         let z = f32_data(zs, zl, self.name())?;
         let labels = labels(ys, yl, classes)?;
         let mut grad = vec![0f32; z.len()];
-        for ((out, row), &label) in grad.chunks_exact_mut(classes).zip(z.chunks_exact(classes)).zip(&labels) {
+        for ((out, row), &label) in grad
+            .chunks_exact_mut(classes)
+            .zip(z.chunks_exact(classes))
+            .zip(&labels)
+        {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for (o, &v) in out.iter_mut().zip(row) {

@@ -1,29 +1,32 @@
-//! Fast CPU kernels for the layers LeNet5 spends its time in, as Candle custom
-//! ops with their own backward passes: convolution (im2col into a blocked GEMM
-//! from the `gemm` crate, threaded over images), 2x2 max-pooling and tanh.
+//! Fast CPU kernels as Candle custom ops, each with its own backward pass:
+//! convolution (im2col into a blocked GEMM from the `gemm` crate, threaded over
+//! images), fully connected layers with the bias inside the GEMM, a hidden
+//! layer's whole tail (BatchNorm or affine, tanh, 2x2 max-pool) as one op, and
+//! softmax cross-entropy. Fewer, fused nodes also spare Candle's autograd a
+//! zero-filled gradient buffer and an addition per node.
 //!
-//! The functions at the bottom ([`conv2d`], [`max_pool2x2`], [`tanh`]) pick these
-//! kernels for CPU tensors and Candle's own ops elsewhere (CUDA), so models call
-//! them without caring where they run.
+//! [`conv2d`], [`linear`] and [`cross_entropy`] fall back to Candle's ops off
+//! the CPU (CUDA); [`activation`] is CPU-only and models choose
+//! [`max_pool2x2`] and Candle's BatchNorm and tanh elsewhere.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 use gemm::Parallelism;
 
 mod activation;
+mod block;
 mod conv;
 mod linear;
 mod loss;
-mod norm;
-mod pool;
 
-use activation::Tanh;
+use block::{Activation, Saved};
 use conv::Conv2d;
 use linear::Linear;
 use loss::CrossEntropy;
-use pool::MaxPool2x2;
 
 pub use activation::fast_tanh;
-pub use norm::batch_norm_train;
+pub use block::Norm;
 
 /// The contiguous f32 data of a CPU tensor argument.
 fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -114,6 +117,13 @@ pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     pool().install(work)
 }
 
+/// Length of a parallel task over whole items of `item_len` values: enough
+/// items that each task is worth handing to another thread.
+fn task_len(item_len: usize) -> usize {
+    const MIN_VALUES: usize = 1 << 14;
+    item_len.max(1) * MIN_VALUES.div_ceil(item_len.max(1))
+}
+
 fn threads() -> Parallelism {
     Parallelism::Rayon(rayon::current_num_threads())
 }
@@ -129,22 +139,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// 2x2 max-pooling, stride 2.
-pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(MaxPool2x2)
-    } else {
-        // Candle's max_pool2d backward scales gradients by 1/4; max over reshaped
-        // windows routes them to the maxima unscaled.
-        let (n, c, h, w) = x.dims4()?;
-        x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
-    }
-}
-
 /// `x . w^T + b` for x `(n, in)`, w `(out, in)`, b `(out,)`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
-        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
     } else {
         x.matmul(&w.t()?)?.broadcast_add(b)
     }
@@ -153,19 +152,57 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Mean cross-entropy of `logits` `(n, classes)` against u32 `labels` `(n,)`.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() {
-        logits.contiguous()?.apply_op2(&labels.contiguous()?, CrossEntropy)
+        logits
+            .contiguous()?
+            .apply_op2(&labels.contiguous()?, CrossEntropy)
     } else {
         candle_nn::loss::cross_entropy(logits, labels)
     }
 }
 
-/// Elementwise tanh.
-pub fn tanh(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op1(Tanh)
-    } else {
-        x.tanh()
+/// 2x2 max-pooling, stride 2, with Candle's ops: the path for devices without
+/// the fused kernels (on the CPU, [`activation`] pools).
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    // Candle's max_pool2d backward scales gradients by 1/4; max over reshaped
+    // windows routes them to the maxima unscaled.
+    let (n, c, h, w) = x.dims4()?;
+    x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+}
+
+/// Per-channel batch means and biased variances.
+pub type BatchStats = (Vec<f32>, Vec<f32>);
+
+/// A hidden layer's tail on the CPU: per-channel normalisation, tanh, then 2x2
+/// max-pooling when `pool`. With [`Norm::Batch`], `weight` and `bias` are
+/// BatchNorm's and the batch's per-channel means and variances come back too;
+/// with [`Norm::Affine`] they are a fixed scale and shift.
+pub fn activation(
+    z: &Tensor,
+    norm: Norm,
+    weight: &Tensor,
+    bias: &Tensor,
+    pool: bool,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    if !z.device().is_cpu() {
+        candle_core::bail!("the fused activation runs on the CPU only");
     }
+    let saved = Arc::new(Mutex::new(Saved::default()));
+    let op = Activation {
+        norm,
+        pool,
+        saved: saved.clone(),
+    };
+    let y = z
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let stats = match norm {
+        Norm::Batch { .. } => {
+            let saved = saved.lock().expect("activation state lock");
+            Some((saved.means.clone(), saved.vars.clone()))
+        }
+        Norm::Affine => None,
+    };
+    Ok((y, stats))
 }
 
 #[cfg(test)]
