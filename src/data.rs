@@ -299,8 +299,11 @@ pub fn read_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<Sp
     };
     let images_path = find_file(dir, images_stem).ok_or_else(|| missing(images_stem))?;
     let labels_path = find_file(dir, labels_stem).ok_or_else(|| missing(labels_stem))?;
-    let images = read_checked(&images_path, images_stem)?;
-    let labels = read_checked(&labels_path, labels_stem)?;
+    let (images, labels) = rayon::join(
+        || read_checked(&images_path, images_stem),
+        || read_checked(&labels_path, labels_stem),
+    );
+    let (images, labels) = (images?, labels?);
     let mismatch = |reason: String| DataError::Mismatch {
         images: images_path.clone(),
         labels: labels_path.clone(),
@@ -359,9 +362,14 @@ pub struct Mnist {
 
 impl Mnist {
     pub fn read(dir: &Path) -> Result<Mnist> {
+        // Decompressing and hashing dominate start-up: read both splits at once.
+        let (train, test) = rayon::join(
+            || read_split(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            || read_split(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        );
         Ok(Mnist {
-            train: read_split(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
-            test: read_split(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
+            train: train?,
+            test: test?,
         })
     }
 }
@@ -486,10 +494,19 @@ impl Datasets {
             to_tensors(&split, side, config.normalize, device)
                 .map_err(|e| DataError::Config(format!("cannot build tensors on {device:?}: {e}")))
         };
+        let (train, (validation, test)) = rayon::join(
+            || to_tensors(mnist.train.select(&train_idx[..train_len])),
+            || {
+                rayon::join(
+                    || to_tensors(mnist.train.select(validation_idx)),
+                    || to_tensors(mnist.test.select(&test_idx)),
+                )
+            },
+        );
         Ok(Datasets {
-            train: to_tensors(mnist.train.select(&train_idx[..train_len]))?,
-            validation: to_tensors(mnist.train.select(validation_idx))?,
-            test: to_tensors(mnist.test.select(&test_idx))?,
+            train: train?,
+            validation: validation?,
+            test: test?,
             side,
             dir,
         })
