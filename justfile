@@ -4,9 +4,17 @@
 run CONFIG *ARGS:
     cargo run --release -- run {{CONFIG}} {{ARGS}}
 
-# Train every config in configs/, one after another.
+# Run every config in configs/ (or the configs, folders and grids given), one after another.
 sweep *ARGS:
-    for config in configs/*.toml; do cargo run --release -- run "$config" {{ARGS}} || echo "FAILED: $config"; done
+    cargo run --release -- sweep {{ARGS}}
+
+# List the runs under runs/: `just runs --sort test`
+runs *ARGS:
+    cargo run --release -- runs {{ARGS}}
+
+# Regenerate the README's results section and docs/results/ from the runs under runs/.
+report *ARGS:
+    cargo run --release -- report {{ARGS}}
 
 # The test suite (set MNIST_DIR, or keep ../shared/data/mnist beside the checkout).
 test:

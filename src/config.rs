@@ -28,6 +28,11 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
     pub device: DeviceConfig,
+    /// `[sweep]`: dotted keys (quoted or as nested tables) to lists of values;
+    /// `mnist-lab sweep` runs one config per combination. Expanded runs save their
+    /// config without it.
+    #[serde(skip_serializing_if = "toml::Table::is_empty")]
+    pub sweep: toml::Table,
 }
 
 /// `[data]`: where MNIST is and how it is split and prepared.
@@ -295,6 +300,9 @@ pub enum ConfigError {
     Override { assignment: String, message: String },
 }
 
+/// One axis of a sweep grid: a dotted key and the values it takes.
+pub type SweepAxis = (String, Vec<toml::Value>);
+
 /// One `--set KEY=VALUE` override.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Override {
@@ -318,16 +326,21 @@ impl std::str::FromStr for Override {
                 "expected a dotted key such as optimizer.lr, got {key:?}"
             ));
         }
-        let value = value.trim();
-        let value = toml::from_str::<toml::Table>(&format!("value = {value}"))
-            .ok()
-            .and_then(|mut table| table.remove("value"))
-            .unwrap_or_else(|| toml::Value::String(value.to_string()));
         Ok(Override {
             key: key.to_string(),
-            value,
+            value: parse_value(value),
         })
     }
+}
+
+/// Reads `text` as a TOML value (`0.05`, `true`, `"x"`, `[1, 2]`); a bare word that
+/// is not one, such as a path, is taken as a string.
+pub fn parse_value(text: &str) -> toml::Value {
+    let text = text.trim();
+    toml::from_str::<toml::Table>(&format!("value = {text}"))
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
 }
 
 impl fmt::Display for Override {
@@ -403,6 +416,7 @@ impl Config {
                 ),
             );
         }
+        self.sweep_axes()?;
         let data = &self.data;
         if data.validation_size == 0 {
             return fail(
@@ -528,12 +542,59 @@ impl Config {
         Ok(())
     }
 
+    /// The `[sweep]` grid as `(dotted key, values)` in key order; nested tables
+    /// (`optimizer.lr = [...]` written unquoted) are flattened into dotted keys.
+    pub fn sweep_axes(&self) -> Result<Vec<SweepAxis>, (String, String)> {
+        let mut axes = Vec::new();
+        flatten_axes(&self.sweep, "", &mut axes)?;
+        Ok(axes)
+    }
+
     /// The config with every default filled in, as TOML: what a run saves.
     pub fn to_toml(&self) -> String {
         let mut resolved = self.clone();
         resolved.optimizer.lr = Some(self.optimizer.lr());
         toml::to_string_pretty(&resolved).expect("a Config always serializes to TOML")
     }
+}
+
+fn flatten_axes(
+    table: &toml::Table,
+    prefix: &str,
+    axes: &mut Vec<SweepAxis>,
+) -> Result<(), (String, String)> {
+    for (key, value) in table {
+        let dotted = format!("{prefix}{key}");
+        let fail = |message: &str| Err((format!("sweep.{dotted}"), message.to_string()));
+        match value {
+            toml::Value::Table(inner) => flatten_axes(inner, &format!("{dotted}."), axes)?,
+            toml::Value::Array(values) if values.is_empty() => {
+                return fail("expected at least one value");
+            }
+            toml::Value::Array(values) => {
+                if dotted == "name" || dotted.starts_with("sweep.") {
+                    return fail("cannot be swept: each run is named after the values it varies");
+                }
+                axes.push((dotted, values.clone()));
+            }
+            _ => return fail("expected a list of values, e.g. [0.01, 0.1]"),
+        }
+    }
+    Ok(())
+}
+
+/// The `*.toml` files directly in `dir`, sorted by name.
+pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// Names become directory names: keep them to a portable character set.

@@ -16,16 +16,31 @@ use crate::rundir::{self, EpochMetrics, RunDir, Status, Summary};
 use crate::telemetry::EventCapture;
 use crate::train::{self, Score, Trainer};
 
-/// What a finished run produced.
+/// What a run left: its directory and final summary (completed, failed or interrupted).
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
     pub dir: PathBuf,
     pub summary: Summary,
 }
 
+impl RunOutcome {
+    /// `Ok` for a completed run, else the error its summary records.
+    pub fn into_result(self) -> anyhow::Result<RunOutcome> {
+        match self.summary.status {
+            Status::Completed => Ok(self),
+            status => Err(anyhow::anyhow!(
+                "run {status}: {} (run directory {})",
+                self.summary.error.as_deref().unwrap_or("no error recorded"),
+                self.dir.display()
+            )),
+        }
+    }
+}
+
 /// Runs `config`, writing `<runs_dir>/<name>-<time>/`. Errors before training
-/// (device, data) leave no run directory; errors during training leave one whose
-/// summary says `failed` and why.
+/// (device, data) are returned and leave no run directory; once it exists, the
+/// outcome is returned and its summary says whether the run `completed`, `failed`
+/// (and why) or was `interrupted`.
 pub fn run(config: &Config, runs_dir: &Path) -> anyhow::Result<RunOutcome> {
     let started = Instant::now();
     let device = device::select(config.device.kind)?;
@@ -66,6 +81,8 @@ pub fn run(config: &Config, runs_dir: &Path) -> anyhow::Result<RunOutcome> {
         test_acc: None,
         wall_secs: 0.0,
         peak_rss_mb: None,
+        threads: Some(device::cpu_threads()),
+        host: rundir::host_description(),
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         status: Status::Running,
         error: None,
@@ -104,7 +121,7 @@ pub fn run(config: &Config, runs_dir: &Path) -> anyhow::Result<RunOutcome> {
     }
     run.write_summary(&summary)?;
     run.write_events(&capture.contents())?;
-    result.map(|_| RunOutcome {
+    Ok(RunOutcome {
         dir: run.path.clone(),
         summary,
     })

@@ -127,24 +127,171 @@ where
 
 /// Renders charts side by side into one PNG and writes it atomically.
 pub fn write_png(path: &Path, charts: &[Chart]) -> Result<(), String> {
-    register_font();
     let width = WIDTH * charts.len().max(1) as u32;
-    let mut pixels = vec![255u8; (width * HEIGHT * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut pixels, (width, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+    render_png(path, (width, HEIGHT), |root| {
         let areas = root.split_evenly((1, charts.len().max(1)));
         for (area, chart) in areas.iter().zip(charts) {
             draw(area, chart)?;
         }
+        Ok(())
+    })
+}
+
+/// A drawing area on an in-memory bitmap.
+pub type Canvas<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+
+/// Draws on a white `(width, height)` canvas, then writes it as a PNG atomically.
+pub fn render_png(
+    path: &Path,
+    (width, height): (u32, u32),
+    paint: impl FnOnce(&Canvas) -> Result<(), String>,
+) -> Result<(), String> {
+    register_font();
+    let mut pixels = vec![255u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        paint(&root)?;
         root.present().map_err(|e| e.to_string())?;
     }
-    let image = image::RgbImage::from_raw(width, HEIGHT, pixels).ok_or("pixel buffer size")?;
+    let image = image::RgbImage::from_raw(width, height, pixels).ok_or("pixel buffer size")?;
     let mut png = std::io::Cursor::new(Vec::new());
     image
         .write_to(&mut png, image::ImageFormat::Png)
         .map_err(|e| e.to_string())?;
     write_atomic(path, png.get_ref()).map_err(|e| e.to_string())
+}
+
+/// A confusion matrix as a heat map: rows are true classes, columns predictions,
+/// shaded by the share of the row, each cell labelled with its count.
+pub fn write_confusion(path: &Path, title: &str, counts: &[[usize; 10]; 10]) -> Result<(), String> {
+    const CELL: i32 = 56;
+    const LEFT: i32 = 110;
+    const TOP: i32 = 110;
+    let side = (LEFT + 10 * CELL + 40) as u32;
+    render_png(path, (side, side + 10), |root| {
+        let text = |size: u32| (FONT, size).into_font().color(&BLACK);
+        let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+        root.draw(&Text::new(
+            title.to_string(),
+            (20, 20),
+            (FONT, 22).into_font().style(FontStyle::Bold).color(&BLACK),
+        ))
+        .map_err(err)?;
+        root.draw(&Text::new(
+            "predicted",
+            (LEFT + 5 * CELL - 40, TOP - 55),
+            text(18),
+        ))
+        .map_err(err)?;
+        root.draw(&Text::new("true", (30, TOP + 5 * CELL - 10), text(18)))
+            .map_err(err)?;
+        for class in 0..10 {
+            let offset = class * CELL + CELL / 2 - 5;
+            root.draw(&Text::new(
+                class.to_string(),
+                (LEFT + offset, TOP - 28),
+                text(18),
+            ))
+            .map_err(err)?;
+            root.draw(&Text::new(
+                class.to_string(),
+                (LEFT - 28, TOP + offset - 4),
+                text(18),
+            ))
+            .map_err(err)?;
+        }
+        for (row, cells) in counts.iter().enumerate() {
+            let total = cells.iter().sum::<usize>().max(1) as f64;
+            for (col, &count) in cells.iter().enumerate() {
+                let share = count as f64 / total;
+                // White to dark blue; the diagonal dominates, so off-diagonal
+                // shares are shown on a square-root scale to stay visible.
+                let t = share.sqrt();
+                let shade = |white: f64, dark: f64| (white + (dark - white) * t) as u8;
+                let fill = RGBColor(shade(255.0, 8.0), shade(255.0, 48.0), shade(255.0, 107.0));
+                let (x, y) = (LEFT + col as i32 * CELL, TOP + row as i32 * CELL);
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + CELL, y + CELL)],
+                    fill.filled(),
+                ))
+                .map_err(err)?;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + CELL, y + CELL)],
+                    RGBColor(220, 220, 220).stroke_width(1),
+                ))
+                .map_err(err)?;
+                let label = count.to_string();
+                let color = if t > 0.5 { WHITE } else { BLACK };
+                let dx = CELL / 2 - 5 * label.len() as i32;
+                root.draw(&Text::new(
+                    label,
+                    (x + dx, y + CELL / 2 - 8),
+                    (FONT, 15).into_font().color(&color),
+                ))
+                .map_err(err)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// One tile of [`write_image_grid`]: a 28x28 MNIST image (white ink on black)
+/// and the caption under it.
+pub struct Tile<'a> {
+    pub pixels: &'a [u8],
+    pub caption: String,
+}
+
+/// Images in a grid, drawn dark on light and enlarged 4x, each with its caption.
+pub fn write_image_grid(
+    path: &Path,
+    title: &str,
+    tiles: &[Tile],
+    columns: usize,
+) -> Result<(), String> {
+    const SCALE: i32 = 4;
+    const SIDE: i32 = 28 * SCALE;
+    const CELL_W: i32 = SIDE + 60;
+    const CELL_H: i32 = SIDE + 40;
+    const TOP: i32 = 60;
+    let columns = columns.max(1);
+    let rows = tiles.len().div_ceil(columns).max(1);
+    let size = (
+        (columns as i32 * CELL_W + 20) as u32,
+        (TOP + rows as i32 * CELL_H + 10) as u32,
+    );
+    render_png(path, size, |root| {
+        let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+        let title_style = (FONT, 22).into_font().style(FontStyle::Bold).color(&BLACK);
+        root.draw(&Text::new(title.to_string(), (20, 18), title_style))
+            .map_err(err)?;
+        for (i, tile) in tiles.iter().enumerate() {
+            let x0 = 20 + (i % columns) as i32 * CELL_W + 20;
+            let y0 = TOP + (i / columns) as i32 * CELL_H;
+            for (p, &ink) in tile.pixels.iter().enumerate().take(28 * 28) {
+                let level = 255 - ink;
+                let (x, y) = (x0 + (p % 28) as i32 * SCALE, y0 + (p / 28) as i32 * SCALE);
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + SCALE, y + SCALE)],
+                    RGBColor(level, level, level).filled(),
+                ))
+                .map_err(err)?;
+            }
+            root.draw(&Rectangle::new(
+                [(x0, y0), (x0 + SIDE, y0 + SIDE)],
+                RGBColor(180, 180, 180).stroke_width(1),
+            ))
+            .map_err(err)?;
+            root.draw(&Text::new(
+                tile.caption.clone(),
+                (x0 - 15, y0 + SIDE + 8),
+                (FONT, 15).into_font().color(&BLACK),
+            ))
+            .map_err(err)?;
+        }
+        Ok(())
+    })
 }
 
 /// The loss and accuracy charts of one run: train against validation per epoch.

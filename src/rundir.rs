@@ -61,6 +61,17 @@ pub enum Status {
     Interrupted,
 }
 
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Interrupted => "interrupted",
+        })
+    }
+}
+
 /// `summary.json`: written when the run starts and again when it ends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -81,9 +92,44 @@ pub struct Summary {
     pub wall_secs: f64,
     /// Peak resident memory of the process so far (Linux only).
     pub peak_rss_mb: Option<f64>,
+    /// CPU threads the run used.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// The machine's CPU model and core count (Linux), to read the timings by.
+    #[serde(default)]
+    pub host: Option<String>,
     pub started_at: String,
     pub status: Status,
     pub error: Option<String>,
+}
+
+/// Creates `<parent>/<name>-<UTC yyyymmdd-hhmmss>`; a suffix `-2`, `-3`, ... keeps
+/// two started in the same second apart. Creation is atomic, so concurrent runs
+/// never share a directory.
+pub fn create_unique_dir(parent: &Path, name: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(parent).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot create {}: {e}", parent.display()))
+    })?;
+    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
+    for attempt in 1.. {
+        let suffix = if attempt == 1 {
+            String::new()
+        } else {
+            format!("-{attempt}")
+        };
+        let path = parent.join(format!("{name}-{stamp}{suffix}"));
+        match std::fs::create_dir(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot create {}: {e}", path.display()),
+                ));
+            }
+        }
+    }
+    unreachable!("the attempt counter is unbounded")
 }
 
 /// A created run directory.
@@ -93,39 +139,11 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `<runs_dir>/<name>-<UTC time>`; a suffix `-2`, `-3`, ... keeps two
-    /// runs started in the same second apart. Creation is atomic, so concurrent
-    /// runs never share a directory.
+    /// Creates `<runs_dir>/<name>-<UTC time>` with its `plots/` folder.
     pub fn create(runs_dir: &Path, name: &str) -> std::io::Result<RunDir> {
-        std::fs::create_dir_all(runs_dir).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot create {}: {e}", runs_dir.display()),
-            )
-        })?;
-        let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
-        for attempt in 1.. {
-            let suffix = if attempt == 1 {
-                String::new()
-            } else {
-                format!("-{attempt}")
-            };
-            let path = runs_dir.join(format!("{name}-{stamp}{suffix}"));
-            match std::fs::create_dir(&path) {
-                Ok(()) => {
-                    std::fs::create_dir(path.join(PLOTS_DIR))?;
-                    return Ok(RunDir { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(std::io::Error::new(
-                        e.kind(),
-                        format!("cannot create {}: {e}", path.display()),
-                    ));
-                }
-            }
-        }
-        unreachable!("the attempt counter is unbounded")
+        let path = create_unique_dir(runs_dir, name)?;
+        std::fs::create_dir(path.join(PLOTS_DIR))?;
+        Ok(RunDir { path })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -194,6 +212,18 @@ pub fn peak_rss_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some((kib / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// `<CPU model>, <n> cores` from `/proc/cpuinfo` (`None` where it does not exist).
+pub fn host_description() -> Option<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.split_whitespace().collect::<Vec<_>>().join(" "))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(format!("{model}, {cores} cores"))
 }
 
 /// Reads a run's `summary.json`.
