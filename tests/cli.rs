@@ -9,36 +9,14 @@ use std::process::{Command, Output};
 
 use mnist_lab::rundir::{self, Status};
 
-fn mnist_dir() -> PathBuf {
-    let dir = std::env::var_os("MNIST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mnist"));
-    assert!(
-        dir.join("train-images-idx3-ubyte.gz").is_file()
-            || dir.join("train-images-idx3-ubyte").is_file(),
-        "these tests need MNIST: set MNIST_DIR (looked in {})",
-        dir.display()
-    );
-    dir
-}
+mod common;
+use common::{assert_success, config_path, mnist_dir, run_binary};
 
 fn mnist_lab(args: &[&str], runs_dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mnist-lab"))
-        .args(args)
-        .arg("--runs-dir")
-        .arg(runs_dir)
-        .env("MNIST_DIR", mnist_dir())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the binary runs")
-}
-
-fn config_path(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("configs")
-        .join(name)
-        .display()
-        .to_string()
+    let runs_dir = runs_dir.display().to_string();
+    let mut args = args.to_vec();
+    args.extend(["--runs-dir", &runs_dir]);
+    run_binary(&args)
 }
 
 /// The only run directory in `runs_dir`.
@@ -49,16 +27,6 @@ fn single_run(runs_dir: &Path) -> PathBuf {
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     dirs[0].clone()
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 #[test]
