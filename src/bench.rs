@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::config::{Config, ModelKind};
+use crate::config::{Config, DeviceSpec, ModelKind};
 use crate::data::Datasets;
 use crate::train::{self, Trainer};
 
@@ -132,10 +132,11 @@ pub fn one_epoch_run(
     exe: &std::path::Path,
     preset: &str,
     data_dir: Option<&std::path::Path>,
+    device: DeviceSpec,
 ) -> anyhow::Result<EpochRun> {
     let mut config = preset_config(preset, 64).map_err(anyhow::Error::msg)?;
     config.train.epochs = 1;
-    config.device.kind = crate::config::DeviceSpec::Cpu;
+    config.device.kind = device;
     config.data.dir = data_dir.map(|d| d.to_path_buf());
     let scratch = tempfile::tempdir()?;
     let config_path = scratch.path().join(format!("{preset}.toml"));
@@ -166,21 +167,34 @@ pub fn one_epoch_run(
     })
 }
 
-/// Loads MNIST once, then measures every model at every batch size on the CPU.
-pub fn run(
-    models: &[String],
-    batch_sizes: &[usize],
-    steps: usize,
-    data_dir: Option<&std::path::Path>,
-    epoch_runs_with: Option<&std::path::Path>,
-) -> anyhow::Result<Report> {
+/// What one `bench` invocation measures, and where.
+pub struct BenchPlan<'a> {
+    pub models: &'a [String],
+    pub batch_sizes: &'a [usize],
+    pub steps: usize,
+    pub data_dir: Option<&'a std::path::Path>,
+    pub device: DeviceSpec,
+    /// This program, to run one-epoch runs in a child process (`None`: skip them).
+    pub epoch_runs_with: Option<&'a std::path::Path>,
+}
+
+/// Loads MNIST once onto the device, then measures every model at every batch size.
+pub fn run(plan: &BenchPlan) -> anyhow::Result<Report> {
+    let BenchPlan {
+        models,
+        batch_sizes,
+        steps,
+        data_dir,
+        device: device_spec,
+        epoch_runs_with,
+    } = *plan;
     for model in models {
         preset_config(model, 1).map_err(anyhow::Error::msg)?;
     }
     if let Some(&zero) = batch_sizes.iter().find(|&&b| b == 0) {
         anyhow::bail!("--batch-size {zero}: expected at least 1");
     }
-    let device = Device::Cpu;
+    let device = crate::device::select(device_spec)?;
     let data_config = crate::config::DataConfig {
         dir: data_dir.map(|d| d.to_path_buf()),
         ..Default::default()
@@ -207,14 +221,14 @@ pub fn run(
     let mut epoch_runs = Vec::new();
     if let Some(exe) = epoch_runs_with {
         for model in models {
-            let run = one_epoch_run(exe, model, data_dir)?;
+            let run = one_epoch_run(exe, model, data_dir, device_spec)?;
             tracing::info!(model = %run.model, wall_secs = run.wall_secs, peak_rss_mb = run.peak_rss_mb, "one-epoch run");
             epoch_runs.push(run);
         }
     }
     Ok(Report {
         threads,
-        device: "cpu".into(),
+        device: crate::device::describe(&device),
         load_secs,
         steps,
         results,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, Override};
+use crate::config::{Config, DeviceSpec, Override};
 use crate::evaluate::{self, TrainedModel};
 use crate::inspect::{self, SortKey};
 use crate::report::{self, ReportOptions};
@@ -444,6 +444,9 @@ struct BenchArgs {
     /// Skip the one-epoch runs that measure peak memory.
     #[arg(long)]
     no_epoch_runs: bool,
+    /// Where to measure: cpu, cuda, cuda:N or auto.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 impl BenchArgs {
@@ -466,13 +469,14 @@ impl BenchArgs {
         } else {
             Some(std::env::current_exe()?)
         };
-        let report = bench::run(
-            &models,
-            &batch_sizes,
-            self.steps,
-            self.data_dir.as_deref(),
-            exe.as_deref(),
-        )?;
+        let report = bench::run(&bench::BenchPlan {
+            models: &models,
+            batch_sizes: &batch_sizes,
+            steps: self.steps,
+            data_dir: self.data_dir.as_deref(),
+            device: self.device,
+            epoch_runs_with: exe.as_deref(),
+        })?;
         if let (true, [only]) = (single, report.results.as_slice()) {
             // The PyTorch reference's format, for scripts that compare the two.
             println!("train_images_per_s={:.0}", only.train_images_per_s);

@@ -214,6 +214,12 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
 
+/// Restarts the peak that [`peak_rss_mb`] reports, so each run of a sweep reports
+/// its own (Linux: writing 5 to `/proc/self/clear_refs`; elsewhere nothing).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// `<CPU model>, <n> cores` from `/proc/cpuinfo` (`None` where it does not exist).
 pub fn host_description() -> Option<String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;

@@ -90,11 +90,14 @@ impl Trainer {
         let batch_size = self.config.train.batch_size;
         let batches = order.len().div_ceil(batch_size);
         let device = train.images.device();
+        // The epoch's order goes to the device once; batches are views of it.
+        let order_on_device = Tensor::from_slice(&order, order.len(), device)?;
         // Sums stay on the device and are read once per epoch: no sync per batch.
         let mut loss_sum = Tensor::zeros((), DType::F32, device)?;
         let mut correct = Tensor::zeros((), DType::F32, device)?;
         let mut seen = 0usize;
         for (index, chunk) in order.chunks(batch_size).enumerate() {
+            let batch = order_on_device.narrow(0, index * batch_size, chunk.len())?;
             if STOP_REQUESTED.load(Ordering::Relaxed) {
                 return Err(candle_core::Error::Msg("interrupted".into()));
             }
@@ -104,8 +107,8 @@ impl Trainer {
             }
             let lr = self.learning_rate(epoch as f64 + index as f64 / batches as f64);
             let (images, labels) = match self.config.data.augment_shift {
-                0 => train.gather(&Tensor::from_slice(chunk, chunk.len(), device)?)?,
-                shift => train.gather_shifted(chunk, shift, &mut self.augment_rng)?,
+                0 => train.gather(&batch)?,
+                shift => train.gather_shifted(&batch, chunk, shift, &mut self.augment_rng)?,
             };
             let (loss, logits) = self.train_step(&images, &labels, lr)?;
             loss_sum = (loss_sum + (loss * chunk.len() as f64)?)?;
