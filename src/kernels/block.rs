@@ -115,6 +115,8 @@ fn channel_sums(
 
 /// `out[i] = f(a[i], b[i], channel of i)` over `(n, c, s)` data, threaded over
 /// images and vectorisable along planes, or along rows when `s == 1`.
+// Inlined into each caller so that the closure is too, and the loops vectorise.
+#[inline(always)]
 fn channel_map(
     out: &mut [f32],
     a: &[f32],

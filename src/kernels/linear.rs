@@ -38,7 +38,10 @@ impl CustomOp3 for Linear {
             f32_data(bs, bl, self.name())?,
         );
         // Start from the bias in every row and let the GEMM accumulate onto it.
-        let mut y: Vec<f32> = b.iter().copied().cycle().take(n * outputs).collect();
+        let mut y: Vec<f32> = Vec::with_capacity(n * outputs);
+        for _ in 0..n {
+            y.extend_from_slice(b);
+        }
         let dims = (n, outputs, inputs);
         matmul(
             dims,
