@@ -484,9 +484,13 @@ fn shifted_pixels_on_device(
         .to_dtype(DType::I64)?
         .broadcast_mul(&scalar(h * w)?)?
         .reshape((n, 1, 1))?;
-    base.broadcast_add(&source_rows.broadcast_mul(&scalar(w)?)?.reshape((n, height, 1))?)?
-        .broadcast_add(&source_cols.reshape((n, 1, width))?)?
-        .flatten_all()
+    base.broadcast_add(
+        &source_rows
+            .broadcast_mul(&scalar(w)?)?
+            .reshape((n, height, 1))?,
+    )?
+    .broadcast_add(&source_cols.reshape((n, 1, width))?)?
+    .flatten_all()
 }
 
 /// Train, validation and test tensors, prepared once.

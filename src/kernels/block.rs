@@ -129,24 +129,73 @@ fn channel_map(
     out.par_chunks_mut(task)
         .zip(a.par_chunks(task).zip(b.par_chunks(task)))
         .for_each(|(out, (a, b))| {
-            if s == 1 {
-                // (n, c): along a row the channel is the position.
-                for (out, (a, b)) in out.chunks_mut(c).zip(a.chunks(c).zip(b.chunks(c))) {
-                    for ch in 0..out.len() {
-                        out[ch] = f(a[ch], b[ch], params[ch]);
-                    }
-                }
-            } else {
-                let planes = out.chunks_mut(s).zip(a.chunks(s).zip(b.chunks(s)));
-                for (i, (out, (a, b))) in planes.enumerate() {
-                    // One channel's constants, read once per plane.
-                    let p = params[i % c];
-                    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-                        *o = f(x, y, p);
-                    }
+            let chunk = ChannelChunk {
+                out,
+                a,
+                b,
+                channels: c,
+                plane: s,
+                params,
+                f: &f,
+            };
+            pulp::Arch::new().dispatch(chunk);
+        });
+}
+
+/// One task of [`channel_map`]. As a [`pulp::WithSimd`] its loops are compiled
+/// once per vector unit (AVX-512, AVX2, ...) and the widest present runs.
+struct ChannelChunk<'a, F> {
+    out: &'a mut [f32],
+    a: &'a [f32],
+    b: &'a [f32],
+    channels: usize,
+    plane: usize,
+    params: &'a [Params],
+    f: &'a F,
+}
+
+impl<F: Fn(f32, f32, Params) -> f32> pulp::WithSimd for ChannelChunk<'_, F> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let ChannelChunk {
+            out,
+            a,
+            b,
+            channels: c,
+            plane: s,
+            params,
+            f,
+        } = self;
+        if s == 1 {
+            // (n, c): along a row the channel is the position. The constants are
+            // split into one array per field so that each loads as a vector.
+            let field = |k: usize| -> Vec<f32> { params.iter().map(|p| p[k]).collect() };
+            let (p0, p1, p2, p3) = (field(0), field(1), field(2), field(3));
+            for (out, (a, b)) in out.chunks_mut(c).zip(a.chunks(c).zip(b.chunks(c))) {
+                let (a, b) = (&a[..out.len()], &b[..out.len()]);
+                let (p0, p1, p2, p3) = (
+                    &p0[..out.len()],
+                    &p1[..out.len()],
+                    &p2[..out.len()],
+                    &p3[..out.len()],
+                );
+                for ch in 0..out.len() {
+                    out[ch] = f(a[ch], b[ch], [p0[ch], p1[ch], p2[ch], p3[ch]]);
                 }
             }
-        });
+        } else {
+            let planes = out.chunks_mut(s).zip(a.chunks(s).zip(b.chunks(s)));
+            for (i, (out, (a, b))) in planes.enumerate() {
+                // One channel's constants, read once per plane.
+                let p = params[i % c];
+                for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                    *o = f(x, y, p);
+                }
+            }
+        }
+    }
 }
 
 /// Per-channel mean and biased variance (two passes, for accuracy).
