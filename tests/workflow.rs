@@ -165,6 +165,21 @@ fn shards_cover_a_sweep_exactly_once() {
     assert_eq!(seen, (0..6).collect::<Vec<_>>());
 }
 
+/// Test image `i` as a 28x28 greyscale image.
+fn digit(test: &mnist_lab::data::Split, i: usize) -> image::GrayImage {
+    let pixels = MNIST_SIDE * MNIST_SIDE;
+    image::GrayImage::from_raw(28, 28, test.images[i * pixels..(i + 1) * pixels].to_vec()).unwrap()
+}
+
+/// `mnist-lab predict RUN --json IMAGES...`, parsed.
+fn predict_json(run: &str, images: &[String]) -> Vec<serde_json::Value> {
+    let mut args = vec!["predict", run, "--json"];
+    args.extend(images.iter().map(String::as_str));
+    let output = run_binary(&args);
+    assert_success(&output);
+    serde_json::from_str(&stdout(&output)).unwrap()
+}
+
 /// One short run shared by the eval, predict and compare checks.
 fn trained_run(work: &Path) -> PathBuf {
     let config = write(
@@ -217,22 +232,14 @@ fn eval_predict_and_compare_use_a_trained_run() {
         .map(|m| m["index"].as_u64().unwrap())
         .collect();
     let test = Mnist::read(&mnist_dir()).unwrap().test;
-    let pixels = MNIST_SIDE * MNIST_SIDE;
     let count = 100;
     let mut images = Vec::new();
     for i in 0..count {
         let path = work.path().join(format!("test-{i}.png"));
-        image::GrayImage::from_raw(28, 28, test.images[i * pixels..(i + 1) * pixels].to_vec())
-            .unwrap()
-            .save(&path)
-            .unwrap();
+        digit(&test, i).save(&path).unwrap();
         images.push(path.display().to_string());
     }
-    let mut args = vec!["predict", &run_arg, "--json"];
-    args.extend(images.iter().map(String::as_str));
-    let output = run_binary(&args);
-    assert_success(&output);
-    let predictions: Vec<serde_json::Value> = serde_json::from_str(&stdout(&output)).unwrap();
+    let predictions = predict_json(&run_arg, &images);
     assert_eq!(predictions.len(), count);
     for (i, p) in predictions.iter().enumerate() {
         let top = p["top"].as_array().unwrap();
@@ -244,11 +251,12 @@ fn eval_predict_and_compare_use_a_trained_run() {
     // brought back to MNIST's format, most are still read right.
     let mut paper_images = Vec::new();
     for i in 0..count {
-        let digit =
-            image::GrayImage::from_raw(28, 28, test.images[i * pixels..(i + 1) * pixels].to_vec())
-                .unwrap();
-        let mut large =
-            image::imageops::resize(&digit, 84, 84, image::imageops::FilterType::Triangle);
+        let mut large = image::imageops::resize(
+            &digit(&test, i),
+            84,
+            84,
+            image::imageops::FilterType::Triangle,
+        );
         image::imageops::invert(&mut large);
         let path = work.path().join(format!("paper-{i}.png"));
         image::DynamicImage::ImageLuma8(large)
@@ -257,12 +265,7 @@ fn eval_predict_and_compare_use_a_trained_run() {
             .unwrap();
         paper_images.push(path.display().to_string());
     }
-    let mut args = vec!["predict", &run_arg, "--json"];
-    args.extend(paper_images.iter().map(String::as_str));
-    let output = run_binary(&args);
-    assert_success(&output);
-    let predictions: Vec<serde_json::Value> = serde_json::from_str(&stdout(&output)).unwrap();
-    let right = predictions
+    let right = predict_json(&run_arg, &paper_images)
         .iter()
         .enumerate()
         .filter(|(i, p)| p["top"][0]["class"].as_u64() == Some(test.labels[*i] as u64))
