@@ -76,7 +76,7 @@ impl<L> Block<L> {
 impl<L: Module> ModuleT for Block<L> {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let z = x.apply(&self.layer)?;
-        if !z.device().is_cpu() {
+        if !kernels::enabled(z.device()) {
             // Candle's ops, for devices without the fused kernel.
             let z = match &self.norm {
                 Some(norm) => norm.fallback.forward_t(&z, train)?,

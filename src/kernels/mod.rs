@@ -7,11 +7,14 @@
 //!
 //! [`conv2d`], [`linear`] and [`cross_entropy`] fall back to Candle's ops off
 //! the CPU (CUDA); [`activation`] is CPU-only and models choose
-//! [`max_pool2x2`] and Candle's BatchNorm and tanh elsewhere.
+//! [`max_pool2x2`] and Candle's BatchNorm and tanh elsewhere. Where [`enabled`]
+//! says no (other devices, or `MNIST_LAB_CANDLE_OPS=1` on the CPU) the models
+//! take that Candle path.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, Layout, Result, Tensor};
+use candle_core::{CpuStorage, Device, Layout, Result, Tensor};
 use gemm::Parallelism;
 
 mod activation;
@@ -27,6 +30,35 @@ use loss::CrossEntropy;
 
 pub use activation::fast_tanh;
 pub use block::Norm;
+
+/// Whether these kernels run on `device`: on the CPU, unless Candle's own ops
+/// were asked for there too (`MNIST_LAB_CANDLE_OPS=1` or [`use_candle_ops`]),
+/// which runs the path other devices take on a machine without them, to check
+/// it or to compare against.
+pub fn enabled(device: &Device) -> bool {
+    device.is_cpu() && !candle_ops_requested()
+}
+
+const UNSET: u8 = u8::MAX;
+static CANDLE_OPS: AtomicU8 = AtomicU8::new(UNSET);
+
+/// Runs Candle's ops instead of these kernels on the CPU (`true`) or not, for the
+/// rest of the process; overrides `MNIST_LAB_CANDLE_OPS`.
+pub fn use_candle_ops(on: bool) {
+    CANDLE_OPS.store(on as u8, Ordering::SeqCst);
+}
+
+fn candle_ops_requested() -> bool {
+    match CANDLE_OPS.load(Ordering::Relaxed) {
+        UNSET => {
+            let on = std::env::var("MNIST_LAB_CANDLE_OPS").is_ok_and(|v| v == "1");
+            let _ =
+                CANDLE_OPS.compare_exchange(UNSET, on as u8, Ordering::SeqCst, Ordering::SeqCst);
+            CANDLE_OPS.load(Ordering::SeqCst) == 1
+        }
+        value => value == 1,
+    }
+}
 
 /// The contiguous f32 data of a CPU tensor argument.
 fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -130,7 +162,7 @@ fn threads() -> Parallelism {
 
 /// `conv2d(x, w) + b` (valid, stride 1), with the fast kernel on the CPU.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if enabled(x.device()) {
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d)
     } else {
@@ -141,7 +173,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `x . w^T + b` for x `(n, in)`, w `(out, in)`, b `(out,)`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if enabled(x.device()) {
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
     } else {
@@ -151,7 +183,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Mean cross-entropy of `logits` `(n, classes)` against u32 `labels` `(n,)`.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    if logits.device().is_cpu() {
+    if enabled(logits.device()) {
         logits
             .contiguous()?
             .apply_op2(&labels.contiguous()?, CrossEntropy)
