@@ -32,7 +32,7 @@ lint:
 # Throughput on GPU 0, then the five configs through a sweep on it (needs a CUDA build machine).
 bench-cuda *ARGS:
     cargo run --release --features cuda -- bench --device cuda --no-epoch-runs --output runs/bench-cuda.json {{ARGS}}
-    time cargo run --release --features cuda -- sweep configs --set device.kind=cuda --runs-dir runs/cuda
+    cargo run --release --features cuda -- sweep configs --set device.kind=cuda --runs-dir runs/cuda
 
 # Type-check and lint the cuda feature without a GPU or toolkit (nvcc from PyPI wheels).
 check-cuda:

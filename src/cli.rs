@@ -186,9 +186,14 @@ impl SweepArgs {
             mine.len(),
             record_path.display()
         );
+        let started = std::time::Instant::now();
         let failed = sweep::execute(&mine, &mut record, &record_path, &self.runs_dir)?;
         print!("{}", record.table().to_text());
-        println!("sweep record: {}", record_path.display());
+        println!(
+            "sweep wall time: {:.1} s; record: {}",
+            started.elapsed().as_secs_f64(),
+            record_path.display()
+        );
         if train::stop_requested() {
             anyhow::bail!("sweep interrupted; the record says which runs are left pending");
         }
