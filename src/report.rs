@@ -89,9 +89,16 @@ fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> anyhow::Result<Vec<Curves
         if !config.sweep.is_empty() {
             continue;
         }
+        // A run reports a config only if it trained exactly that config (a quick
+        // `--set train.epochs=1` run of the same name does not count).
         let latest = runs
             .iter()
-            .filter(|r| r.summary.name == config.name && r.summary.status == Status::Completed)
+            .filter(|r| r.summary.status == Status::Completed)
+            .filter(|r| {
+                r.config
+                    .as_ref()
+                    .is_some_and(|c| same_experiment(c, &config))
+            })
             .max_by(|a, b| a.summary.started_at.cmp(&b.summary.started_at));
         match latest {
             Some(run) => chosen.push(run.clone()),
@@ -100,9 +107,9 @@ fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> anyhow::Result<Vec<Curves
     }
     if !missing.is_empty() {
         anyhow::bail!(
-            "no completed run in {} for {}: run `just sweep` (or `mnist-lab run` on each) first",
-            runs_dir.display(),
-            missing.join(", ")
+            "no completed run of {} (with exactly those settings) in {}: run `just sweep` (or `mnist-lab run` on each) first",
+            missing.join(", "),
+            runs_dir.display()
         );
     }
     let rank = |name: &str| ORDER.iter().position(|&o| o == name).unwrap_or(ORDER.len());
@@ -110,6 +117,19 @@ fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> anyhow::Result<Vec<Curves
         (rank(&a.summary.name), &a.summary.name).cmp(&(rank(&b.summary.name), &b.summary.name))
     });
     compare::load(chosen)
+}
+
+/// Whether two configs describe the same experiment: equal in everything but
+/// where the data was read from and the device and threads it ran on.
+fn same_experiment(a: &Config, b: &Config) -> bool {
+    let normalise = |c: &Config| {
+        let mut c = c.clone();
+        c.data.dir = None;
+        c.device = Default::default();
+        c.optimizer.lr = Some(c.optimizer.lr());
+        c
+    };
+    normalise(a) == normalise(b)
 }
 
 fn intro(curves: &[Curves], runs_dir: &Path) -> String {

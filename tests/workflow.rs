@@ -338,15 +338,20 @@ fn report_rewrites_the_marked_readme_section_from_runs() {
         &readme,
         "# Title\n\n<!-- report:begin -->\n<!-- report:end -->\n\n## After\n",
     );
-    let output = run_binary(&[
-        "report",
-        "--runs-dir",
-        &runs.display().to_string(),
-        "--configs",
-        &configs.display().to_string(),
-        "--readme",
-        &readme.display().to_string(),
-    ]);
+    let (runs_arg, configs_arg) = (runs.display().to_string(), configs.display().to_string());
+    let readme_arg = readme.display().to_string();
+    let report = || {
+        run_binary(&[
+            "report",
+            "--runs-dir",
+            &runs_arg,
+            "--configs",
+            &configs_arg,
+            "--readme",
+            &readme_arg,
+        ])
+    };
+    let output = report();
     assert_success(&output);
     let text = std::fs::read_to_string(&readme).unwrap();
     assert!(text.starts_with("# Title\n") && text.ends_with("<!-- report:end -->\n\n## After\n"));
@@ -367,18 +372,28 @@ fn report_rewrites_the_marked_readme_section_from_runs() {
         image::open(work.path().join("docs/results").join(image)).unwrap();
     }
 
+    // A later run of the same name with other settings is not the config's run.
+    let output = run_binary(&[
+        "run",
+        &configs.join("custom_mlp.toml").display().to_string(),
+        "--set",
+        "train.epochs=1",
+        "--runs-dir",
+        &runs.display().to_string(),
+    ]);
+    assert_success(&output);
+    let output = report();
+    assert_success(&output);
+    let again = std::fs::read_to_string(&readme).unwrap();
+    assert!(
+        again.contains("| `custom_mlp` | none | 61,450 | 2 |"),
+        "{again}"
+    );
+
     // Without runs for a config, the report says which and changes nothing.
     write(&configs.join("lenet5.toml"), "[train]\nepochs = 1\n");
     let before = std::fs::read_to_string(&readme).unwrap();
-    let output = run_binary(&[
-        "report",
-        "--runs-dir",
-        &runs.display().to_string(),
-        "--configs",
-        &configs.display().to_string(),
-        "--readme",
-        &readme.display().to_string(),
-    ]);
+    let output = report();
     assert!(!output.status.success());
     assert!(
         stderr(&output).contains("lenet5.toml"),
