@@ -33,15 +33,15 @@ fn summary(run: &Path) -> Summary {
     rundir::read_summary(&run.join(rundir::SUMMARY_FILE)).unwrap()
 }
 
-/// The sweep record written under `runs`.
-fn sweep_record(runs: &Path) -> SweepRecord {
+/// The path of the one sweep record written under `runs`.
+fn record_path(runs: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = std::fs::read_dir(runs)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.join(sweep::RECORD_FILE).is_file())
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
-    SweepRecord::read(&dirs[0].join(sweep::RECORD_FILE)).unwrap()
+    dirs[0].join(sweep::RECORD_FILE)
 }
 
 /// A folder that looks like MNIST but whose training images are corrupt.
@@ -104,10 +104,19 @@ fn sweep_expands_a_grid_and_survives_a_failing_run() {
     assert_eq!(table.matches("completed").count(), 2, "{table}");
     assert_eq!(table.matches("failed").count(), 2, "{table}");
 
-    let record = sweep_record(&runs);
+    let record = SweepRecord::read(&record_path(&runs)).unwrap();
     assert_eq!(record.total_runs, 4);
     let recorded: HashSet<String> = record.runs.iter().map(|r| r.name.clone()).collect();
     assert_eq!(recorded, names);
+    // The record is a sweep of its own: the same runs, with their saved configs.
+    let record_arg = record_path(&runs).display().to_string();
+    let relisted = stdout(&run_binary(&["sweep", &record_arg, "--list"]));
+    let relisted: HashSet<String> = relisted
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(2).unwrap().to_string())
+        .collect();
+    assert_eq!(relisted, names);
     for entry in &record.runs {
         let broken = entry.config.contains("broken-mnist");
         assert_eq!(entry.status, if broken { "failed" } else { "completed" });
