@@ -3,10 +3,16 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use gemm::Parallelism;
+use rayon::prelude::*;
+
 use super::{f32_data, matmul, threads};
 
 /// `y = x . w^T + b`: x `(n, in)`, w `(out, in)`, b `(out,)`.
 pub(super) struct Linear;
+
+/// From this many rows on, the forward product is split by rows over the threads.
+const SPLIT_ROWS: usize = 512;
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -42,18 +48,32 @@ impl CustomOp3 for Linear {
         for _ in 0..n {
             y.extend_from_slice(b);
         }
-        let dims = (n, outputs, inputs);
-        matmul(
-            dims,
-            &mut y,
-            (outputs, 1),
-            x,
-            (inputs, 1),
-            w,
-            (1, inputs),
-            true,
-            threads(),
-        );
+        let product = |y: &mut [f32], x: &[f32], parallelism| {
+            let rows = y.len() / outputs;
+            let (y_strides, x_strides, w_strides) = ((outputs, 1), (inputs, 1), (1, inputs));
+            matmul(
+                (rows, outputs, inputs),
+                y,
+                y_strides,
+                x,
+                x_strides,
+                w,
+                w_strides,
+                true,
+                parallelism,
+            );
+        };
+        if n >= SPLIT_ROWS {
+            // Large batches (evaluation): rows split evenly over the threads, one
+            // single-threaded GEMM each, which beats the GEMM's own split of a
+            // narrow (48- or 84-column) product by about 5%.
+            let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
+            y.par_chunks_mut(rows_per_task * outputs)
+                .zip(x.par_chunks(rows_per_task * inputs))
+                .for_each(|(y, x)| product(y, x, Parallelism::None));
+        } else {
+            product(&mut y, x, threads());
+        }
         Ok((CpuStorage::F32(y), Shape::from((n, outputs))))
     }
 
@@ -170,7 +190,8 @@ mod tests {
 
     #[test]
     fn linear_matches_candle_forward_and_backward() {
-        for (n, inputs, outputs) in [(5, 7, 3), (64, 1024, 48), (1, 120, 84)] {
+        // 1001 rows: the forward splits large batches by rows, unevenly here.
+        for (n, inputs, outputs) in [(5, 7, 3), (64, 1024, 48), (1, 120, 84), (1001, 48, 10)] {
             let x = Var::from_tensor(&random(&[n, inputs], 1)).unwrap();
             let w = Var::from_tensor(&random(&[outputs, inputs], 2)).unwrap();
             let b = Var::from_tensor(&random(&[outputs], 3)).unwrap();
