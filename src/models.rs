@@ -73,8 +73,17 @@ impl<L> Block<L> {
     }
 }
 
-impl<L: Module> ModuleT for Block<L> {
+impl<L: Layer> ModuleT for Block<L> {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train && !self.pool && kernels::enabled(x.device()) {
+            let (scale, shift) = match &self.norm {
+                Some(norm) => norm.eval_affine()?,
+                None => self.identity.clone(),
+            };
+            if let Some(y) = self.layer.eval_affine_tanh(x, &scale, &shift) {
+                return y;
+            }
+        }
         let z = x.apply(&self.layer)?;
         if !kernels::enabled(z.device()) {
             // Candle's ops, for devices without the fused kernel.
@@ -204,6 +213,38 @@ impl Module for Linear {
         kernels::linear(x, &self.weight, &self.bias)
     }
 }
+
+/// A block's layer. Layers with a fused evaluation kernel for "layer, affine map,
+/// tanh" say so by returning it.
+trait Layer: Module {
+    fn eval_affine_tanh(
+        &self,
+        _x: &Tensor,
+        _scale: &Tensor,
+        _shift: &Tensor,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
+}
+
+impl Layer for Linear {
+    fn eval_affine_tanh(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+    ) -> Option<Result<Tensor>> {
+        Some(kernels::linear_affine_tanh(
+            x,
+            &self.weight,
+            &self.bias,
+            scale,
+            shift,
+        ))
+    }
+}
+
+impl Layer for Conv {}
 
 /// A 2-D convolution (valid padding, stride 1) with bias, on the fast kernels.
 struct Conv {

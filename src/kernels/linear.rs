@@ -6,10 +6,52 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::activation::fast_tanh;
 use super::{f32_data, matmul, threads};
 
-/// `y = x . w^T + b`: x `(n, in)`, w `(out, in)`, b `(out,)`.
-pub(super) struct Linear;
+/// `y = x . w^T + b`: x `(n, in)`, w `(out, in)`, b `(out,)`; with an epilogue,
+/// `tanh(y * scale + shift)` per column, applied to each block of rows while it
+/// is still in cache (evaluation only: that form has no backward pass).
+pub(super) struct Linear {
+    pub epilogue: Option<AffineTanh>,
+}
+
+/// Per-column `scale` and `shift` before a tanh.
+pub(super) struct AffineTanh {
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+}
+
+impl AffineTanh {
+    fn apply(&self, rows: &mut [f32]) {
+        pulp::Arch::new().dispatch(AffineTanhRows {
+            rows,
+            scale: &self.scale,
+            shift: &self.shift,
+        });
+    }
+}
+
+/// [`AffineTanh`] over rows, compiled once per vector unit by `pulp`.
+struct AffineTanhRows<'a> {
+    rows: &'a mut [f32],
+    scale: &'a [f32],
+    shift: &'a [f32],
+}
+
+impl pulp::WithSimd for AffineTanhRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let width = self.scale.len();
+        for row in self.rows.chunks_exact_mut(width) {
+            for ((v, &a), &b) in row.iter_mut().zip(self.scale).zip(self.shift) {
+                *v = fast_tanh(*v * a + b);
+            }
+        }
+    }
+}
 
 /// From this many rows on, the forward product is split by rows over the threads.
 const SPLIT_ROWS: usize = 512;
@@ -48,6 +90,14 @@ impl CustomOp3 for Linear {
         for _ in 0..n {
             y.extend_from_slice(b);
         }
+        if let Some(epilogue) = &self.epilogue
+            && (epilogue.scale.len() != outputs || epilogue.shift.len() != outputs)
+        {
+            candle_core::bail!(
+                "linear: {outputs} outputs but a {}-column epilogue",
+                epilogue.scale.len()
+            );
+        }
         let product = |y: &mut [f32], x: &[f32], parallelism| {
             let rows = y.len() / outputs;
             let (y_strides, x_strides, w_strides) = ((outputs, 1), (inputs, 1), (1, inputs));
@@ -62,6 +112,9 @@ impl CustomOp3 for Linear {
                 true,
                 parallelism,
             );
+            if let Some(epilogue) = &self.epilogue {
+                epilogue.apply(y);
+            }
         };
         if n >= SPLIT_ROWS {
             // Large batches (evaluation): rows split evenly over the threads, one
@@ -85,6 +138,9 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.epilogue.is_some() {
+            candle_core::bail!("linear with a tanh epilogue is for evaluation: it has no backward");
+        }
         let grad_y = grad_y.contiguous()?;
         let grad_x = if x.track_op() {
             Some(grad_y.apply_op2_no_bwd(w, &LinearGradInput)?)
@@ -184,8 +240,8 @@ impl CustomOp2 for LinearGradParams {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::linear;
     use crate::kernels::testing::{max_diff, random};
+    use crate::kernels::{linear, linear_affine_tanh};
     use candle_core::Var;
 
     #[test]
@@ -219,6 +275,27 @@ mod tests {
                 let d = max_diff(a.get(var).unwrap(), r.get(var).unwrap());
                 assert!(d < 1e-3, "grad {name} ({n}, {inputs}, {outputs}): {d}");
             }
+        }
+    }
+
+    #[test]
+    fn fused_affine_tanh_matches_the_separate_ops() {
+        for n in [5, 1001] {
+            let x = random(&[n, 48], 1);
+            let w = random(&[48, 48], 2);
+            let b = random(&[48], 3);
+            let scale = (random(&[48], 4) + 1.5).unwrap();
+            let shift = random(&[48], 5);
+            let ours = linear_affine_tanh(&x, &w, &b, &scale, &shift).unwrap();
+            let reference = linear(&x, &w, &b)
+                .unwrap()
+                .broadcast_mul(&scale)
+                .unwrap()
+                .broadcast_add(&shift)
+                .unwrap()
+                .tanh()
+                .unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-5, "{n} rows");
         }
     }
 }

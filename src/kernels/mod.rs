@@ -174,11 +174,41 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `x . w^T + b` for x `(n, in)`, w `(out, in)`, b `(out,)`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if enabled(x.device()) {
-        x.contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            Linear { epilogue: None },
+        )
     } else {
         x.matmul(&w.t()?)?.broadcast_add(b)
     }
+}
+
+/// `tanh((x . w^T + b) * scale + shift)` for evaluation, as one op on the CPU
+/// (each block of rows finished while in cache, one hand-off to the threads);
+/// the result is detached: it has no backward pass.
+pub fn linear_affine_tanh(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+) -> Result<Tensor> {
+    if !enabled(x.device()) {
+        let z = x.matmul(&w.t()?)?.broadcast_add(b)?;
+        return z.broadcast_mul(scale)?.broadcast_add(shift)?.tanh();
+    }
+    let epilogue = linear::AffineTanh {
+        scale: scale.to_vec1()?,
+        shift: shift.to_vec1()?,
+    };
+    x.contiguous()?.apply_op3_no_bwd(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        &Linear {
+            epilogue: Some(epilogue),
+        },
+    )
 }
 
 /// Mean cross-entropy of `logits` `(n, classes)` against u32 `labels` `(n,)`.
