@@ -4,10 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
-
 use crate::checkpoint;
-use crate::config::{Config, Override};
+use crate::config::Config;
 use crate::data::Datasets;
 use crate::device;
 use crate::plots;
@@ -223,18 +221,4 @@ fn log_epoch(m: &EpochMetrics) {
 fn round(value: f64, decimals: i32) -> f64 {
     let scale = 10f64.powi(decimals);
     (value * scale).round() / scale
-}
-
-/// Evaluates a saved run's best checkpoint on the test set, with its saved config
-/// plus `overrides` (say, `data.dir`), on `device`.
-pub fn evaluate_checkpoint(
-    run_dir: &Path,
-    overrides: &[Override],
-    device: &Device,
-) -> anyhow::Result<Score> {
-    let config = Config::load(&run_dir.join(rundir::CONFIG_FILE), overrides)?;
-    let data = Datasets::load(&config.data, config.seed, device)?;
-    let trainer = Trainer::new(&config, data.side, device)?;
-    checkpoint::load(&trainer.varmap, &run_dir.join(rundir::BEST_CHECKPOINT))?;
-    Ok(trainer.evaluate(&data.test)?)
 }

@@ -123,9 +123,9 @@ fn lenet5_trains_on_a_subset_and_writes_a_complete_run() {
     let data_dir = format!("data.dir={}", mnist_dir().display())
         .parse()
         .unwrap();
-    let score =
-        mnist_lab::experiment::evaluate_checkpoint(&run, &[data_dir], &candle_core::Device::Cpu)
-            .unwrap();
+    let model = mnist_lab::evaluate::TrainedModel::load(&run, rundir::BEST_CHECKPOINT, &[data_dir])
+        .unwrap();
+    let (score, _) = mnist_lab::evaluate::evaluate(&model).unwrap();
     assert!(
         (score.accuracy - test_acc).abs() < 1e-9,
         "{} vs {test_acc}",
