@@ -442,22 +442,23 @@ pub fn execute(
         }))
         .unwrap_or_else(|panic| Err(anyhow::anyhow!("panicked: {}", panic_message(&panic))));
         let entry = &mut record.runs[position];
-        match result {
+        let status = match result {
             Ok(outcome) => {
-                let summary = &outcome.summary;
-                entry.status = summary.status.to_string();
-                entry.run_dir = Some(outcome.dir.clone());
+                let summary = outcome.summary;
+                entry.run_dir = Some(outcome.dir);
                 entry.best_val_acc = summary.best_val_acc;
                 entry.test_acc = summary.test_acc;
                 entry.wall_secs = Some(summary.wall_secs);
-                entry.error = summary.error.clone();
+                entry.error = summary.error;
+                summary.status
             }
             Err(error) => {
-                entry.status = Status::Failed.to_string();
                 entry.error = Some(format!("{error:#}"));
+                Status::Failed
             }
-        }
-        if entry.status == Status::Failed.to_string() {
+        };
+        entry.status = status.to_string();
+        if status == Status::Failed {
             failed += 1;
             tracing::error!(
                 run = %entry.name,
