@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::SeriesLabelPosition;
 
-use crate::inspect::RunInfo;
+use crate::inspect::{RUN_COLUMNS, RunInfo};
 use crate::plots::{self, Chart, PALETTE, Series};
-use crate::rundir::{EpochMetrics, write_atomic};
-use crate::table::{Table, percent, thousands};
+use crate::rundir::{EpochMetrics, mean_epoch_secs, write_atomic};
+use crate::table::{Table, percent};
 
 pub const FIGURE_FILE: &str = "compare.png";
 pub const TABLE_FILE: &str = "compare.md";
@@ -79,12 +79,7 @@ pub fn validation_charts(curves: &[Curves]) -> [Chart; 2] {
 /// One row per run: what it was and how it did, with the last epoch's train and
 /// validation accuracy side by side (their gap is the overfitting).
 pub fn table(curves: &[Curves]) -> Table {
-    let mut table = Table::new(&[
-        "run",
-        "model",
-        "regularisation",
-        "params",
-        "epochs",
+    let measures = [
         "best epoch",
         "best val",
         "test acc",
@@ -92,29 +87,22 @@ pub fn table(curves: &[Curves]) -> Table {
         "last val acc",
         "s/epoch",
         "wall",
-    ]);
+    ];
+    let mut table = Table::new(&[&RUN_COLUMNS[..], &measures].concat());
     for c in curves {
         let s = &c.run.summary;
         let last = c.metrics.last();
-        let mean_epoch_secs = if c.metrics.is_empty() {
-            None
-        } else {
-            Some(c.metrics.iter().map(|m| m.epoch_secs).sum::<f64>() / c.metrics.len() as f64)
-        };
-        table.push(vec![
-            c.label.clone(),
-            s.model.clone(),
-            c.run.regularisation(),
-            thousands(s.params),
-            format!("{}/{}", s.epochs_completed, s.epochs),
+        let mut cells = c.run.run_cells(c.label.clone());
+        cells.extend([
             s.best_epoch.map_or("-".into(), |e| e.to_string()),
             percent(s.best_val_acc),
             percent(s.test_acc),
             percent(last.map(|m| m.train_acc)),
             percent(last.map(|m| m.val_acc)),
-            mean_epoch_secs.map_or("-".into(), |t| format!("{t:.2}")),
+            mean_epoch_secs(&c.metrics).map_or("-".into(), |t| format!("{t:.2}")),
             format!("{:.0}s", s.wall_secs),
         ]);
+        table.push(cells);
     }
     table
 }

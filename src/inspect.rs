@@ -145,32 +145,42 @@ pub fn sort(runs: &mut [RunInfo], key: SortKey) {
     }
 }
 
-/// The listing's table: one row per run.
-pub fn runs_table(runs: &[RunInfo]) -> Table {
-    let mut table = Table::new(&[
-        "run",
-        "model",
-        "regularisation",
-        "params",
-        "epochs",
-        "best val",
-        "test acc",
-        "wall",
-        "status",
-    ]);
-    for run in runs {
-        let s = &run.summary;
-        table.push(vec![
-            run.id(),
+/// The columns that say which run a row is, first in every table of runs.
+pub const RUN_COLUMNS: [&str; 5] = ["run", "model", "regularisation", "params", "epochs"];
+
+impl RunInfo {
+    /// The [`RUN_COLUMNS`] cells of this run, labelled `label`.
+    pub fn run_cells(&self, label: String) -> Vec<String> {
+        let s = &self.summary;
+        vec![
+            label,
             s.model.clone(),
-            run.regularisation(),
+            self.regularisation(),
             thousands(s.params),
             format!("{}/{}", s.epochs_completed, s.epochs),
+        ]
+    }
+}
+
+/// The listing's table: one row per run.
+pub fn runs_table(runs: &[RunInfo]) -> Table {
+    let mut table = Table::new(
+        &[
+            &RUN_COLUMNS[..],
+            &["best val", "test acc", "wall", "status"],
+        ]
+        .concat(),
+    );
+    for run in runs {
+        let s = &run.summary;
+        let mut cells = run.run_cells(run.id());
+        cells.extend([
             percent(s.best_val_acc),
             percent(s.test_acc),
             format!("{:.0}s", s.wall_secs),
             s.status.to_string(),
         ]);
+        table.push(cells);
     }
     table
 }

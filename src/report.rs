@@ -9,7 +9,7 @@ use crate::config::{self, Config};
 use crate::evaluate::{self, TrainedModel};
 use crate::inspect::{self, RunInfo};
 use crate::plots;
-use crate::rundir::{self, EpochMetrics, Status, write_atomic};
+use crate::rundir::{self, Status, mean_epoch_secs, write_atomic};
 use crate::table::{Table, percent, thousands};
 
 pub const BEGIN_MARKER: &str = "<!-- report:begin -->";
@@ -153,10 +153,6 @@ fn intro(curves: &[Curves], runs_dir: &Path) -> String {
     )
 }
 
-fn mean_epoch_secs(metrics: &[EpochMetrics]) -> f64 {
-    metrics.iter().map(|m| m.epoch_secs).sum::<f64>() / metrics.len().max(1) as f64
-}
-
 fn results_table(curves: &[Curves]) -> Table {
     let mut table = Table::new(&[
         "config",
@@ -183,7 +179,7 @@ fn results_table(curves: &[Curves]) -> Table {
             s.epochs_completed.to_string(),
             format!("**{}**", percent(s.test_acc)),
             s.best_epoch.map_or("-".into(), |e| e.to_string()),
-            format!("{:.2}", mean_epoch_secs(&c.metrics)),
+            mean_epoch_secs(&c.metrics).map_or("-".into(), |t| format!("{t:.2}")),
             format!("{:.0}", s.wall_secs),
             s.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")),
             assignment.to_string(),

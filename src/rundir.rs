@@ -172,6 +172,14 @@ impl RunDir {
     }
 }
 
+/// Mean seconds per epoch (training and validation); `None` before the first epoch.
+pub fn mean_epoch_secs(metrics: &[EpochMetrics]) -> Option<f64> {
+    if metrics.is_empty() {
+        return None;
+    }
+    Some(metrics.iter().map(|m| m.epoch_secs).sum::<f64>() / metrics.len() as f64)
+}
+
 /// `metrics.csv` content: a header and one row per epoch.
 pub fn metrics_csv(rows: &[EpochMetrics]) -> std::io::Result<Vec<u8>> {
     let mut writer = csv::Writer::from_writer(Vec::new());
