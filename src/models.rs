@@ -75,35 +75,12 @@ impl<L> Block<L> {
 
 impl<L: Layer> ModuleT for Block<L> {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train && !self.pool && kernels::enabled(x.device()) {
-            let (scale, shift) = match &self.norm {
-                Some(norm) => norm.eval_affine()?,
-                None => self.identity.clone(),
-            };
-            if let Some(y) = self.layer.eval_affine_tanh(x, &scale, &shift) {
-                return y;
-            }
-        }
-        let z = x.apply(&self.layer)?;
-        if !kernels::enabled(z.device()) {
-            // Candle's ops, for devices without the fused kernel.
-            let z = match &self.norm {
-                Some(norm) => norm.fallback.forward_t(&z, train)?,
-                None => z,
-            };
-            let y = z.tanh()?;
-            return if self.pool {
-                kernels::max_pool2x2(&y)
-            } else {
-                Ok(y)
-            };
+        if !kernels::enabled(x.device()) {
+            return self.forward_with_candle_ops(x, train);
         }
         match (&self.norm, train) {
-            (None, _) => {
-                let (ones, zeros) = &self.identity;
-                Ok(kernels::activation(&z, Norm::Affine, ones, zeros, self.pool)?.0)
-            }
             (Some(norm), true) => {
+                let z = x.apply(&self.layer)?;
                 let eps = BN_EPS as f32;
                 let (y, stats) = kernels::activation(
                     &z,
@@ -117,10 +94,38 @@ impl<L: Layer> ModuleT for Block<L> {
                 }
                 Ok(y)
             }
-            (Some(norm), false) => {
-                let (scale, shift) = norm.eval_affine()?;
+            (norm, _) => {
+                // A fixed affine map: BatchNorm's running statistics, or none.
+                let (scale, shift) = match norm {
+                    Some(norm) => norm.eval_affine()?,
+                    None => self.identity.clone(),
+                };
+                if !train
+                    && !self.pool
+                    && let Some(y) = self.layer.eval_affine_tanh(x, &scale, &shift)
+                {
+                    return y;
+                }
+                let z = x.apply(&self.layer)?;
                 Ok(kernels::activation(&z, Norm::Affine, &scale, &shift, self.pool)?.0)
             }
+        }
+    }
+}
+
+impl<L: Layer> Block<L> {
+    /// Candle's ops, for devices without the fused kernels.
+    fn forward_with_candle_ops(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let z = x.apply(&self.layer)?;
+        let z = match &self.norm {
+            Some(norm) => norm.fallback.forward_t(&z, train)?,
+            None => z,
+        };
+        let y = z.tanh()?;
+        if self.pool {
+            kernels::max_pool2x2(&y)
+        } else {
+            Ok(y)
         }
     }
 }
