@@ -3,15 +3,16 @@
 //! One test in its own binary, because the switch is process-wide.
 
 use candle_core::{Device, Tensor};
-use mnist_lab::config::{Config, ModelKind};
-use mnist_lab::kernels;
+use mnist_lab::config::Config;
+use mnist_lab::model::ModelKind;
+use mnist_lab::model::kernels;
 use mnist_lab::train::{self, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Losses of four SGD steps on fixed random batches, then the evaluation loss.
 fn losses(config: &Config, images: &Tensor, labels: &Tensor) -> Vec<f64> {
-    let mut trainer = Trainer::new(config, 32, &Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(&config.train_setup(), 32, &Device::Cpu).unwrap();
     let mut out = Vec::new();
     for _ in 0..4 {
         let (loss, _) = trainer.train_step(images, labels, 0.05).unwrap();

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use mnist_lab::rundir::{self, Status};
+use mnist_lab::run::rundir::{self, Status};
 
 mod common;
 use common::{assert_success, config_path, mnist_dir, run_binary};
@@ -70,7 +70,7 @@ fn lenet5_trains_on_a_subset_and_writes_a_complete_run() {
         "test accuracy {test_acc} is not well above chance"
     );
 
-    let metrics = rundir::read_metrics(&run.join(rundir::METRICS_FILE)).unwrap();
+    let metrics = mnist_lab::run::metrics::read_metrics(&run.join(rundir::METRICS_FILE)).unwrap();
     assert_eq!(
         metrics.iter().map(|m| m.epoch).collect::<Vec<_>>(),
         vec![1, 2, 3]
@@ -123,9 +123,13 @@ fn lenet5_trains_on_a_subset_and_writes_a_complete_run() {
     let data_dir = format!("data.dir={}", mnist_dir().display())
         .parse()
         .unwrap();
-    let model = mnist_lab::evaluate::TrainedModel::load(&run, rundir::BEST_CHECKPOINT, &[data_dir])
-        .unwrap();
-    let (score, _) = mnist_lab::evaluate::evaluate(&model).unwrap();
+    let model = mnist_lab::analyze::evaluate::TrainedModel::load(
+        &run,
+        rundir::BEST_CHECKPOINT,
+        &[data_dir],
+    )
+    .unwrap();
+    let (score, _) = mnist_lab::analyze::evaluate::evaluate(&model).unwrap();
     assert!(
         (score.accuracy - test_acc).abs() < 1e-9,
         "{} vs {test_acc}",
@@ -178,7 +182,7 @@ fn regularised_mlp_trains_and_repeats_exactly_with_a_seed() {
     assert_eq!(summary.params, 61_450 + 2 * 6 * 48);
     assert!(summary.test_acc.unwrap() > 0.8, "{summary:?}");
     let losses = |run: &Path| -> Vec<f64> {
-        rundir::read_metrics(&run.join(rundir::METRICS_FILE))
+        mnist_lab::run::metrics::read_metrics(&run.join(rundir::METRICS_FILE))
             .unwrap()
             .iter()
             .map(|m| m.train_loss)

@@ -77,7 +77,7 @@ fn downloads_verifies_and_falls_back_to_the_next_mirror() {
     let target = tempfile::tempdir().unwrap();
     let dir = target.path().join("mnist");
     let mirrors = vec![dead_mirror(), serve(real_files(), 4)];
-    data::download_mnist(&dir, &mirrors).unwrap();
+    data::download::download_mnist(&dir, &mirrors).unwrap();
     for (stem, _) in MNIST_FILES {
         assert!(dir.join(format!("{stem}.gz")).is_file(), "{stem}");
     }
@@ -95,7 +95,9 @@ fn a_file_with_the_wrong_checksum_is_refused_and_nothing_is_written() {
         .iter()
         .map(|(stem, _)| (format!("{stem}.gz"), labels.clone()))
         .collect();
-    let err = data::download_mnist(&dir, &[serve(files, 1)]).unwrap_err();
+    let err = data::download::download_mnist(&dir, &[serve(files, 1)])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("SHA-256"), "{err}");
     assert!(!dir.exists(), "a failed download leaves no directory");
 }

@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use mnist_lab::data::{MNIST_SIDE, Mnist};
-use mnist_lab::rundir::{self, Summary};
-use mnist_lab::sweep::{self, SweepRecord};
+use mnist_lab::run::rundir::{self, Status, Summary};
+use mnist_lab::run::sweep::{self, SweepRecord};
 
 mod common;
 use common::{assert_success, mnist_dir, run_binary};
@@ -119,7 +119,12 @@ fn sweep_expands_a_grid_and_survives_a_failing_run() {
     assert_eq!(relisted, names);
     for entry in &record.runs {
         let broken = entry.config.contains("broken-mnist");
-        assert_eq!(entry.status, if broken { "failed" } else { "completed" });
+        let expected = if broken {
+            Status::Failed
+        } else {
+            Status::Completed
+        };
+        assert_eq!(entry.status, expected);
         if broken {
             assert!(entry.error.as_deref().unwrap().contains("broken-mnist"));
         } else {

@@ -1,0 +1,254 @@
+//! Reading finished (or running) runs back from disk: `mnist-lab runs` lists them,
+//! and `compare`, `eval` and `report` start from what this module finds.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::run::metrics::{self, EpochMetrics};
+use crate::run::rundir::{self, Summary};
+use crate::train::optim::OptimizerKind;
+use crate::util::table::{Table, percent, thousands};
+
+/// A run directory as read back: its summary, and its config where it parses.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub dir: PathBuf,
+    pub summary: Summary,
+    pub config: Option<Config>,
+}
+
+impl RunInfo {
+    /// Reads `dir`, which must hold a `summary.json`.
+    pub fn read(dir: &Path) -> anyhow::Result<RunInfo> {
+        if !dir.is_dir() {
+            anyhow::bail!("no such run directory: {}", dir.display());
+        }
+        let summary_path = dir.join(rundir::SUMMARY_FILE);
+        if !summary_path.is_file() {
+            anyhow::bail!(
+                "{} is not a run directory (it has no {})",
+                dir.display(),
+                rundir::SUMMARY_FILE
+            );
+        }
+        let summary = rundir::read_summary(&summary_path)?;
+        let config = Config::load(&dir.join(rundir::CONFIG_FILE), &[]).ok();
+        Ok(RunInfo {
+            dir: dir.to_path_buf(),
+            summary,
+            config,
+        })
+    }
+
+    /// The directory's own name, which is unique: `<name>-<time>`.
+    pub fn id(&self) -> String {
+        self.dir.file_name().map_or_else(
+            || self.dir.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        )
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<Vec<EpochMetrics>> {
+        Ok(metrics::read_metrics(&self.dir.join(rundir::METRICS_FILE))?)
+    }
+
+    /// What fights overfitting in this run, e.g. `BN + L2 5e-4 + shift 2`.
+    pub fn regularisation(&self) -> String {
+        self.config
+            .as_ref()
+            .map_or_else(|| "?".into(), regularisation)
+    }
+}
+
+/// A short description of a config's regularisation; `none` when it has none.
+pub fn regularisation(config: &Config) -> String {
+    let mut parts = Vec::new();
+    if config.model.batch_norm {
+        parts.push("BN".to_string());
+    }
+    let decay = config.optimizer.weight_decay;
+    if decay > 0.0 {
+        let label = match config.optimizer.kind {
+            OptimizerKind::Adamw => "decay",
+            _ => "L2",
+        };
+        parts.push(format!("{label} {decay:e}"));
+    }
+    if config.model.dropout > 0.0 {
+        parts.push(format!("dropout {}", config.model.dropout));
+    }
+    if config.data.augment_shift > 0 {
+        parts.push(format!("shift {}", config.data.augment_shift));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(" + ")
+    }
+}
+
+/// Every run directory directly under `runs_dir` (or `runs_dir` itself, if it is
+/// one), oldest first, and a warning for each folder that looks like a run but
+/// cannot be read.
+pub fn scan(runs_dir: &Path) -> anyhow::Result<(Vec<RunInfo>, Vec<String>)> {
+    if runs_dir.join(rundir::SUMMARY_FILE).is_file() {
+        return Ok((vec![RunInfo::read(runs_dir)?], Vec::new()));
+    }
+    let entries = std::fs::read_dir(runs_dir)
+        .map_err(|e| anyhow::anyhow!("cannot read runs directory {}: {e}", runs_dir.display()))?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.join(rundir::SUMMARY_FILE).is_file())
+        .collect();
+    dirs.sort();
+    let (mut runs, mut warnings) = (Vec::new(), Vec::new());
+    for dir in dirs {
+        match RunInfo::read(&dir) {
+            Ok(run) => runs.push(run),
+            Err(error) => warnings.push(format!("skipping {}: {error:#}", dir.display())),
+        }
+    }
+    runs.sort_by(|a, b| a.summary.started_at.cmp(&b.summary.started_at));
+    Ok((runs, warnings))
+}
+
+/// The columns `mnist-lab runs --sort` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortKey {
+    /// Start time (the default).
+    Started,
+    Name,
+    Model,
+    Params,
+    Epochs,
+    /// Best validation accuracy, best first.
+    Val,
+    /// Test accuracy, best first.
+    Test,
+    Wall,
+    Status,
+}
+
+/// Sorts in place; accuracies go best first, everything else ascending.
+pub fn sort(runs: &mut [RunInfo], key: SortKey) {
+    let accuracy = |v: Option<f64>| std::cmp::Reverse(v.map(|a| (a * 1e9) as i64));
+    match key {
+        SortKey::Started => runs.sort_by(|a, b| a.summary.started_at.cmp(&b.summary.started_at)),
+        SortKey::Name => runs.sort_by_key(|r| r.id()),
+        SortKey::Model => runs.sort_by_key(|r| r.summary.model.clone()),
+        SortKey::Params => runs.sort_by_key(|r| r.summary.params),
+        SortKey::Epochs => runs.sort_by_key(|r| r.summary.epochs_completed),
+        SortKey::Val => runs.sort_by_key(|r| accuracy(r.summary.best_val_acc)),
+        SortKey::Test => runs.sort_by_key(|r| accuracy(r.summary.test_acc)),
+        SortKey::Wall => runs.sort_by(|a, b| a.summary.wall_secs.total_cmp(&b.summary.wall_secs)),
+        SortKey::Status => runs.sort_by_key(|r| r.summary.status.to_string()),
+    }
+}
+
+/// The columns that say which run a row is, first in every table of runs.
+pub const RUN_COLUMNS: [&str; 5] = ["run", "model", "regularisation", "params", "epochs"];
+
+impl RunInfo {
+    /// The [`RUN_COLUMNS`] cells of this run, labelled `label`.
+    pub fn run_cells(&self, label: String) -> Vec<String> {
+        let s = &self.summary;
+        vec![
+            label,
+            s.model.clone(),
+            self.regularisation(),
+            thousands(s.params),
+            format!("{}/{}", s.epochs_completed, s.epochs),
+        ]
+    }
+}
+
+/// The listing's table: one row per run.
+pub fn runs_table(runs: &[RunInfo]) -> Table {
+    let mut table = Table::new(
+        &[
+            &RUN_COLUMNS[..],
+            &["best val", "test acc", "wall", "status"],
+        ]
+        .concat(),
+    );
+    for run in runs {
+        let s = &run.summary;
+        let mut cells = run.run_cells(run.id());
+        cells.extend([
+            percent(s.best_val_acc),
+            percent(s.test_acc),
+            format!("{:.0}s", s.wall_secs),
+            s.status.to_string(),
+        ]);
+        table.push(cells);
+    }
+    table
+}
+
+/// One run in `mnist-lab runs --json`.
+#[derive(Debug, Serialize)]
+pub struct RunRow<'a> {
+    pub dir: &'a Path,
+    pub regularisation: String,
+    #[serde(flatten)]
+    pub summary: &'a Summary,
+}
+
+pub fn runs_json(runs: &[RunInfo]) -> String {
+    let rows: Vec<RunRow> = runs
+        .iter()
+        .map(|r| RunRow {
+            dir: &r.dir,
+            regularisation: r.regularisation(),
+            summary: &r.summary,
+        })
+        .collect();
+    serde_json::to_string_pretty(&rows).expect("run rows serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Override;
+
+    fn config(overrides: &[&str]) -> Config {
+        let overrides: Vec<Override> = overrides.iter().map(|o| o.parse().unwrap()).collect();
+        Config::from_toml("", Path::new("t.toml"), Some("t"), &overrides).unwrap()
+    }
+
+    #[test]
+    fn describes_regularisation() {
+        assert_eq!(regularisation(&config(&[])), "none");
+        assert_eq!(
+            regularisation(&config(&[
+                "model.batch_norm=true",
+                "optimizer.weight_decay=5e-4",
+                "data.augment_shift=2"
+            ])),
+            "BN + L2 5e-4 + shift 2"
+        );
+        assert_eq!(
+            regularisation(&config(&[
+                "optimizer.kind=adamw",
+                "optimizer.weight_decay=0.01",
+                "model.dropout=0.1"
+            ])),
+            "decay 1e-2 + dropout 0.1"
+        );
+    }
+
+    #[test]
+    fn reading_a_folder_that_is_not_a_run_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = RunInfo::read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a run directory"), "{err}");
+        let err = RunInfo::read(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such run directory"), "{err}");
+        let (runs, warnings) = scan(dir.path()).unwrap();
+        assert!(runs.is_empty() && warnings.is_empty());
+    }
+}

@@ -1,0 +1,388 @@
+//! `mnist-lab report`: the README's results section, regenerated from the runs on
+//! disk: the latest completed run of each config, its curves, the confusion
+//! matrix of the best model, and a discussion written from the measured figures.
+
+use std::path::{Path, PathBuf};
+
+use crate::analyze::compare::{self, Curves};
+use crate::analyze::evaluate::{self, TrainedModel};
+use crate::analyze::inspect::{self, RunInfo};
+use crate::config::{self, Config};
+use crate::run::metrics::mean_epoch_secs;
+use crate::run::rundir::{self, Status};
+use crate::util::fsio::write_atomic;
+use crate::util::plots;
+use crate::util::table::{Table, percent, thousands};
+
+pub const BEGIN_MARKER: &str = "<!-- report:begin -->";
+pub const END_MARKER: &str = "<!-- report:end -->";
+
+/// The assignment report's 20-epoch test accuracies (it validated on the test set
+/// and took the last epoch), by the config that reproduces each model.
+const ASSIGNMENT: [(&str, &str); 3] = [
+    ("lenet5", "98.76%"),
+    ("custom_mlp", "95.32%"),
+    ("lenet5_reg", "99.14% (BatchNorm + L2)"),
+];
+
+/// Rows come in this order; other configs follow by name.
+const ORDER: [&str; 4] = ["lenet5", "custom_mlp", "lenet5_reg", "custom_mlp_reg"];
+
+pub struct ReportOptions {
+    pub runs_dir: PathBuf,
+    pub configs_dir: PathBuf,
+    pub readme: PathBuf,
+    /// Where the images go, relative to the README's folder.
+    pub assets: PathBuf,
+}
+
+/// Regenerates the images and the README section between the markers; returns
+/// the section's markdown.
+pub fn generate(options: &ReportOptions) -> anyhow::Result<String> {
+    let readme_text = std::fs::read_to_string(&options.readme)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", options.readme.display()))?;
+    let curves = latest_runs(&options.configs_dir, &options.runs_dir)?;
+    let root = options.readme.parent().unwrap_or(Path::new("."));
+    let assets_dir = root.join(&options.assets);
+    std::fs::create_dir_all(&assets_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", assets_dir.display()))?;
+    let asset = |file: &str| (assets_dir.join(file), link(&options.assets, file));
+
+    let mut markdown = String::new();
+    markdown += &intro(&curves, &options.runs_dir);
+    markdown += &results_table(&curves).to_markdown();
+    markdown += "\n";
+
+    let (path, href) = asset("validation.png");
+    plots::write_png(&path, &compare::validation_charts(&curves)).map_err(anyhow::Error::msg)?;
+    markdown += &format!("Validation curves of every config:\n\n![validation curves]({href})\n\n");
+    markdown += "Training against validation, per config (loss left, accuracy right):\n\n";
+    for c in &curves {
+        let file = format!("{}.png", c.run.summary.name);
+        let (path, href) = asset(&file);
+        let (loss, accuracy) = crate::run::plots::run_charts(&c.run.summary.name, &c.metrics);
+        plots::write_png(&path, &[loss, accuracy]).map_err(anyhow::Error::msg)?;
+        markdown += &format!("![{} curves]({href})\n", c.run.summary.name);
+    }
+    markdown += "\n";
+    markdown += &best_model_section(&curves, &asset)?;
+    markdown += &discussion(&curves);
+
+    let updated = replace_section(&readme_text, &markdown)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", options.readme.display()))?;
+    write_atomic(&options.readme, updated.as_bytes())?;
+    Ok(markdown)
+}
+
+/// `assets/file` with forward slashes, as a markdown link wants.
+fn link(assets: &Path, file: &str) -> String {
+    let base = assets.to_string_lossy().replace('\\', "/");
+    format!("{}/{file}", base.trim_end_matches('/'))
+}
+
+/// The latest completed run of each config in `configs_dir`, in report order.
+fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> anyhow::Result<Vec<Curves>> {
+    let files = config::config_files(configs_dir)?;
+    let (runs, _) = inspect::scan(runs_dir)?;
+    let mut chosen: Vec<RunInfo> = Vec::new();
+    let mut missing = Vec::new();
+    for file in &files {
+        let config = Config::load(file, &[])?;
+        if !config.sweep.is_empty() {
+            continue;
+        }
+        // A run reports a config only if it trained exactly that config (a quick
+        // `--set train.epochs=1` run of the same name does not count).
+        let latest = runs
+            .iter()
+            .filter(|r| r.summary.status == Status::Completed)
+            .filter(|r| {
+                r.config
+                    .as_ref()
+                    .is_some_and(|c| same_experiment(c, &config))
+            })
+            .max_by(|a, b| a.summary.started_at.cmp(&b.summary.started_at));
+        match latest {
+            Some(run) => chosen.push(run.clone()),
+            None => missing.push(file.display().to_string()),
+        }
+    }
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "no completed run of {} (with exactly those settings) in {}: run `just sweep` (or `mnist-lab run` on each) first",
+            missing.join(", "),
+            runs_dir.display()
+        );
+    }
+    let rank = |name: &str| ORDER.iter().position(|&o| o == name).unwrap_or(ORDER.len());
+    chosen.sort_by(|a, b| {
+        (rank(&a.summary.name), &a.summary.name).cmp(&(rank(&b.summary.name), &b.summary.name))
+    });
+    compare::load(chosen)
+}
+
+/// Whether two configs describe the same experiment: equal in everything but
+/// where the data was read from and the device and threads it ran on.
+fn same_experiment(a: &Config, b: &Config) -> bool {
+    let normalise = |c: &Config| {
+        let mut c = c.clone();
+        c.data.dir = None;
+        c.device = Default::default();
+        c.optimizer.lr = Some(c.optimizer.lr());
+        c
+    };
+    normalise(a) == normalise(b)
+}
+
+fn intro(curves: &[Curves], runs_dir: &Path) -> String {
+    let first = &curves[0].run.summary;
+    let host = first
+        .host
+        .clone()
+        .unwrap_or_else(|| "an unrecorded machine".into());
+    let threads = first
+        .threads
+        .map_or(String::new(), |t| format!(", {t} threads"));
+    format!(
+        "The latest completed run of each config in `configs/`, read from `{}` by \
+         `just report`, trained on {host} ({}{threads}). Test accuracy is that of the \
+         checkpoint of the best validation epoch, measured once at the end; the \
+         assignment report validated on the test set and took the last epoch. \
+         Seconds per epoch cover training and validation; wall time runs from data \
+         loading to the test evaluation.\n\n",
+        runs_dir.display(),
+        first.device,
+    )
+}
+
+fn results_table(curves: &[Curves]) -> Table {
+    let mut table = Table::new(&[
+        "config",
+        "regularisation",
+        "parameters",
+        "epochs",
+        "test accuracy",
+        "best epoch",
+        "seconds per epoch",
+        "wall (s)",
+        "peak memory (MB)",
+        "assignment report",
+    ]);
+    for c in curves {
+        let s = &c.run.summary;
+        let assignment = ASSIGNMENT
+            .iter()
+            .find(|(name, _)| *name == s.name)
+            .map_or("-", |(_, acc)| acc);
+        table.push(vec![
+            format!("`{}`", s.name),
+            c.run.regularisation(),
+            thousands(s.params),
+            s.epochs_completed.to_string(),
+            format!("**{}**", percent(s.test_acc)),
+            s.best_epoch.map_or("-".into(), |e| e.to_string()),
+            mean_epoch_secs(&c.metrics).map_or("-".into(), |t| format!("{t:.2}")),
+            format!("{:.0}", s.wall_secs),
+            s.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")),
+            assignment.to_string(),
+        ]);
+    }
+    table
+}
+
+/// Evaluates the run with the best test accuracy again and shows its confusion
+/// matrix and most confident mistakes.
+fn best_model_section(
+    curves: &[Curves],
+    asset: &dyn Fn(&str) -> (PathBuf, String),
+) -> anyhow::Result<String> {
+    let best = curves
+        .iter()
+        .max_by(|a, b| {
+            let acc = |c: &Curves| c.run.summary.test_acc.unwrap_or(0.0);
+            acc(a).total_cmp(&acc(b))
+        })
+        .expect("at least one run");
+    let name = &best.run.summary.name;
+    let model = TrainedModel::load(&best.run.dir, rundir::BEST_CHECKPOINT, &[])?;
+    let (evaluation, test) = evaluate::evaluate(&model)?;
+    let (confusion_path, confusion_href) = asset("confusion.png");
+    evaluate::write_confusion_plot(&evaluation, name, &confusion_path)?;
+    let (errors_path, errors_href) = asset("errors.png");
+    evaluate::write_errors_plot(&evaluation, &test, name, &errors_path)?;
+    let weakest = evaluation
+        .per_class_accuracy
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(class, acc)| format!("{class} ({:.2}%)", 100.0 * acc))
+        .unwrap_or_default();
+    let top_confusion = (0..10)
+        .flat_map(|t| (0..10).map(move |p| (t, p)))
+        .filter(|(t, p)| t != p)
+        .max_by_key(|&(t, p)| evaluation.confusion[t][p])
+        .map(|(t, p)| format!("{t} read as {p} ({} times)", evaluation.confusion[t][p]))
+        .unwrap_or_default();
+    Ok(format!(
+        "The best model, `{name}`, on the {} test images (`mnist-lab eval` on its run): \
+         {} mistakes, {:.2}% accurate; its weakest class is {weakest}, and its most \
+         frequent confusion is {top_confusion}.\n\n\
+         ![confusion matrix]({confusion_href})\n\n\
+         ![most confident mistakes]({errors_href})\n\n",
+        thousands(evaluation.images),
+        evaluation.mistakes.len(),
+        100.0 * evaluation.accuracy,
+    ))
+}
+
+/// Overfitting and what each regularisation changed, per model, from the curves:
+/// the last epoch's train-validation gap, where the validation loss bottomed out,
+/// and the test accuracy against the same model without regularisation.
+fn discussion(curves: &[Curves]) -> String {
+    let mut text = String::from("What the figures say:\n\n");
+    let mut models: Vec<&str> = Vec::new();
+    for c in curves {
+        if !models.contains(&c.run.summary.model.as_str()) {
+            models.push(&c.run.summary.model);
+        }
+    }
+    for model in models {
+        let of_model: Vec<&Curves> = curves
+            .iter()
+            .filter(|c| c.run.summary.model == model)
+            .collect();
+        let Some(plain) = of_model.iter().find(|c| c.run.regularisation() == "none") else {
+            continue;
+        };
+        text += &format!("- {}\n", describe_fit(plain, None));
+        for c in of_model.iter().filter(|c| c.run.regularisation() != "none") {
+            if c.metrics.len() == plain.metrics.len() {
+                text += &format!("- {}\n", describe_fit(c, Some(plain)));
+            }
+        }
+    }
+    let beaten: Vec<String> = curves
+        .iter()
+        .filter_map(|c| {
+            let (_, theirs) = ASSIGNMENT.iter().find(|(n, _)| *n == c.run.summary.name)?;
+            let theirs: f64 = theirs.split('%').next()?.parse().ok()?;
+            let ours = 100.0 * c.run.summary.test_acc?;
+            Some(format!(
+                "`{}` {:.2}% against {theirs:.2}% ({:+.2} points)",
+                c.run.summary.name,
+                ours,
+                ours - theirs
+            ))
+        })
+        .collect();
+    if !beaten.is_empty() {
+        text += &format!(
+            "- Against the assignment report, with the same parameter counts: {}.\n",
+            beaten.join("; ")
+        );
+    }
+    text + "\n"
+}
+
+fn describe_fit(c: &Curves, baseline: Option<&Curves>) -> String {
+    let s = &c.run.summary;
+    let last = c.metrics.last().expect("a completed run has epochs");
+    let gap = 100.0 * (last.train_acc - last.val_acc);
+    let (min_epoch, min_loss) = c
+        .metrics
+        .iter()
+        .map(|m| (m.epoch, m.val_loss))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("epochs");
+    let loss_trend = if min_epoch + 1 >= last.epoch {
+        "its validation loss is still at its lowest at the end".to_string()
+    } else {
+        format!(
+            "its validation loss is lowest at epoch {min_epoch} of {} and {:.0}% higher at the end",
+            last.epoch,
+            100.0 * (last.val_loss / min_loss - 1.0)
+        )
+    };
+    let verdict = if gap > 0.5 || (min_epoch + 3 <= last.epoch && last.val_loss > 1.1 * min_loss) {
+        "it overfits"
+    } else {
+        "no sign of overfitting"
+    };
+    let fit = if gap >= 0.0 {
+        format!(
+            "the last epoch fits the training set at {:.2}% against {:.2}% on validation, \
+             a gap of {gap:.2} points",
+            100.0 * last.train_acc,
+            100.0 * last.val_acc
+        )
+    } else {
+        format!(
+            "the last epoch scores {:.2}% on the training set, below the {:.2}% on \
+             validation (training sees its images augmented or regularised)",
+            100.0 * last.train_acc,
+            100.0 * last.val_acc
+        )
+    };
+    let regularisation = match c.run.regularisation().as_str() {
+        "none" => "no regularisation".to_string(),
+        other => other.to_string(),
+    };
+    let mut sentence = format!(
+        "`{}` ({regularisation}): {fit}; {loss_trend}: {verdict}.",
+        s.name
+    );
+    if let (Some(base), Some(acc)) = (baseline, s.test_acc) {
+        let base_acc = base.run.summary.test_acc.unwrap_or(0.0);
+        sentence += &format!(
+            " Test accuracy {:.2}% against {:.2}% without regularisation ({:+.2} points).",
+            100.0 * acc,
+            100.0 * base_acc,
+            100.0 * (acc - base_acc)
+        );
+    }
+    sentence
+}
+
+/// `readme` with the text between the markers replaced by `section`.
+pub fn replace_section(readme: &str, section: &str) -> Result<String, String> {
+    // Only markers on lines of their own count: prose may quote them.
+    let line_start = |marker: &str, from: usize| {
+        readme[from..]
+            .match_indices(marker)
+            .map(|(i, _)| from + i)
+            .find(|&i| {
+                (i == 0 || readme[..i].ends_with('\n'))
+                    && readme[i + marker.len()..].starts_with(['\n', '\r'])
+            })
+    };
+    let begin = line_start(BEGIN_MARKER, 0)
+        .ok_or_else(|| format!("no {BEGIN_MARKER} line marks where the report goes"))?;
+    let end = line_start(END_MARKER, begin)
+        .ok_or_else(|| format!("no {END_MARKER} line after {BEGIN_MARKER}"))?;
+    Ok(format!(
+        "{}{BEGIN_MARKER}\n<!-- generated by `just report`; edits here are overwritten -->\n\n{section}{}",
+        &readme[..begin],
+        &readme[end..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_the_marked_section() {
+        let readme = format!(
+            "# Title\nquoted `{BEGIN_MARKER}` and `{END_MARKER}`\n\n{BEGIN_MARKER}\nold\n{END_MARKER}\n\n## After\n"
+        );
+        let updated = replace_section(&readme, "new\n").unwrap();
+        assert!(updated.starts_with(&format!(
+            "# Title\nquoted `{BEGIN_MARKER}` and `{END_MARKER}`\n\n{BEGIN_MARKER}\n"
+        )));
+        assert!(updated.contains("new\n<!-- report:end -->\n\n## After\n"));
+        assert!(!updated.contains("old"));
+        // Idempotent: a second pass gives the same text.
+        assert_eq!(replace_section(&updated, "new\n").unwrap(), updated);
+        assert!(replace_section("# no markers", "x").is_err());
+    }
+}

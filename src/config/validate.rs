@@ -1,0 +1,44 @@
+//! Validation of a whole config: each section's own range checks, then the
+//! rules that tie sections together.
+
+use crate::config::Config;
+use crate::model::ModelKind;
+use crate::util::invalid::{InvalidField, invalid};
+
+impl Config {
+    /// Range and consistency checks; the error names the dotted key.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        if !is_valid_name(&self.name) {
+            return invalid(
+                "name",
+                format!(
+                    "expected letters, digits, '-', '_' or '.', got {:?}",
+                    self.name
+                ),
+            );
+        }
+        self.sweep_axes()?;
+        self.data.validate()?;
+        self.model.validate()?;
+        self.optimizer.validate()?;
+        self.schedule
+            .validate(self.optimizer.lr(), self.train.epochs)?;
+        self.train.validate()?;
+        if self.model.kind == ModelKind::Lenet5 && !self.data.pad_to_32 {
+            return invalid(
+                "data.pad_to_32",
+                "lenet5 needs 32x32 inputs (its third convolution leaves 1x1); set it to true",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Names become directory names: keep them to a portable character set.
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}

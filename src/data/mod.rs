@@ -1,0 +1,258 @@
+//! MNIST on disk and in memory: [`download`] finds or fetches the IDX files,
+//! [`idx`] reads and checks them, [`prepare`] turns them into tensors once,
+//! [`augment`] shifts training images per batch. This file holds the `[data]`
+//! config and the seeded train / validation / test split.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
+
+use crate::util::fsio::FileError;
+use crate::util::invalid::{InvalidField, invalid};
+
+pub mod augment;
+pub mod download;
+pub mod idx;
+pub mod prepare;
+
+pub use download::{DownloadError, MNIST_FILES, locate_or_download};
+pub use idx::{Mnist, Split};
+pub use prepare::Tensors;
+
+/// Image side of the MNIST files.
+pub const MNIST_SIDE: usize = 28;
+/// Number of classes.
+pub const NUM_CLASSES: usize = 10;
+/// Pixel mean and standard deviation of the MNIST training set (after scaling to [0, 1]).
+pub const MNIST_MEAN: f32 = 0.1307;
+pub const MNIST_STD: f32 = 0.3081;
+
+/// `[data]`: where MNIST is and how it is split and prepared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory with the four IDX files (`.gz` or raw). Unset: `$MNIST_DIR`, then `data/mnist`.
+    pub dir: Option<PathBuf>,
+    /// Images held out of the 60,000 training images for validation (seeded split).
+    #[default(5000)]
+    pub validation_size: usize,
+    /// Train on only this many of the remaining training images (unset: all).
+    pub train_size: Option<usize>,
+    /// Evaluate on only the first this many test images (unset: all 10,000).
+    pub test_size: Option<usize>,
+    /// Zero-pad 28x28 images to 32x32, as in the LeNet-5 paper (LeNet5 needs it).
+    #[default(true)]
+    pub pad_to_32: bool,
+    /// Standardise pixels with MNIST's mean 0.1307 and std 0.3081 (else scale to [0, 1]).
+    #[default(true)]
+    pub normalize: bool,
+    /// Augmentation: shift each training image by a random 0..=N pixels along
+    /// each axis, every epoch anew (0 = off).
+    pub augment_shift: usize,
+}
+
+/// The largest `augment_shift`: beyond it digits leave MNIST's 4-pixel border.
+pub const MAX_SHIFT: usize = 4;
+
+impl DataConfig {
+    /// Range checks of the `[data]` fields.
+    pub fn validate(&self) -> std::result::Result<(), InvalidField> {
+        if self.validation_size == 0 {
+            return invalid(
+                "data.validation_size",
+                "expected at least 1 image: validation picks the checkpoint, never the test set",
+            );
+        }
+        if self.validation_size >= 60_000 {
+            return invalid(
+                "data.validation_size",
+                format!(
+                    "expected fewer than the 60000 training images, got {}",
+                    self.validation_size
+                ),
+            );
+        }
+        if self.augment_shift > MAX_SHIFT {
+            return invalid(
+                "data.augment_shift",
+                format!(
+                    "expected 0 to {MAX_SHIFT} pixels, got {}",
+                    self.augment_shift
+                ),
+            );
+        }
+        if self.train_size == Some(0) {
+            return invalid("data.train_size", "expected at least 1 image");
+        }
+        if self.test_size == Some(0) {
+            return invalid("data.test_size", "expected at least 1 image");
+        }
+        Ok(())
+    }
+
+    /// The test images evaluated: the first `test_size` of the `available` (all when unset).
+    pub fn test_indices(&self, available: usize) -> Vec<usize> {
+        (0..self.test_size.map_or(available, |s| s.min(available))).collect()
+    }
+
+    /// The side of the model's input images: 32 when padded, else 28.
+    pub fn input_side(&self) -> usize {
+        if self.pad_to_32 { 32 } else { MNIST_SIDE }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{path} is not a valid IDX file: {reason}")]
+    BadIdx { path: PathBuf, reason: String },
+    #[error("{images} and {labels} do not match: {reason}")]
+    Mismatch {
+        images: PathBuf,
+        labels: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "MNIST not found in {searched} and the download failed: {reason}\n\
+         Put the four IDX files (.gz or raw) in one of those directories, or set MNIST_DIR."
+    )]
+    Download {
+        searched: String,
+        reason: DownloadError,
+    },
+    #[error(
+        "data.validation_size = {validation_size} leaves no training images out of {available}"
+    )]
+    NoTrainingImages {
+        validation_size: usize,
+        available: usize,
+    },
+    #[error("cannot prepare the images as tensors: {0}")]
+    Tensors(candle_core::Error),
+}
+
+type Result<T> = std::result::Result<T, DataError>;
+
+/// Train, validation and test tensors, prepared once.
+#[derive(Debug, Clone)]
+pub struct Datasets {
+    pub train: Tensors,
+    pub validation: Tensors,
+    pub test: Tensors,
+    /// Input side (32 when padded, else 28).
+    pub side: usize,
+    /// Where the files were read from.
+    pub dir: PathBuf,
+}
+
+impl Datasets {
+    /// Finds (or downloads) MNIST, splits off the seeded validation set and prepares
+    /// every split as tensors on `device`.
+    pub fn load(config: &DataConfig, seed: u64, device: &Device) -> Result<Datasets> {
+        let dir = locate_or_download(config.dir.as_deref())?;
+        let mnist = Mnist::read(&dir)?;
+        Datasets::prepare(&mnist, config, seed, device, dir)
+    }
+
+    pub fn prepare(
+        mnist: &Mnist,
+        config: &DataConfig,
+        seed: u64,
+        device: &Device,
+        dir: PathBuf,
+    ) -> Result<Datasets> {
+        let n = mnist.train.len();
+        if config.validation_size >= n {
+            return Err(DataError::NoTrainingImages {
+                validation_size: config.validation_size,
+                available: n,
+            });
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        // The split has its own stream so it does not move when other seeded parts change.
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_5A17));
+        let (validation_idx, train_idx) = order.split_at(config.validation_size);
+        let train_len = config
+            .train_size
+            .map_or(train_idx.len(), |s| s.min(train_idx.len()));
+        let test_idx = config.test_indices(mnist.test.len());
+        let to_tensors = |split: &Split, indices: &[usize]| {
+            prepare::tensors(split, indices, config, device).map_err(DataError::Tensors)
+        };
+        let (train, (validation, test)) = rayon::join(
+            || to_tensors(&mnist.train, &train_idx[..train_len]),
+            || {
+                rayon::join(
+                    || to_tensors(&mnist.train, validation_idx),
+                    || to_tensors(&mnist.test, &test_idx),
+                )
+            },
+        );
+        Ok(Datasets {
+            train: train?,
+            validation: validation?,
+            test: test?,
+            side: config.input_side(),
+            dir,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn validation_split_is_seeded_and_disjoint() {
+        let n = 50;
+        let images: Vec<u8> = (0..n * 784).map(|i| (i / 784) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let mnist = Mnist {
+            train: Split {
+                images: images.clone(),
+                labels: labels.clone(),
+            },
+            test: Split { images, labels },
+        };
+        let config = DataConfig {
+            validation_size: 10,
+            ..DataConfig::default()
+        };
+        let first_pixel = |t: &Tensors| -> Vec<f32> {
+            t.images
+                .narrow(3, 2, 1)
+                .unwrap()
+                .narrow(2, 2, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let a = Datasets::prepare(&mnist, &config, 1, &Device::Cpu, PathBuf::new()).unwrap();
+        let b = Datasets::prepare(&mnist, &config, 1, &Device::Cpu, PathBuf::new()).unwrap();
+        let c = Datasets::prepare(&mnist, &config, 2, &Device::Cpu, PathBuf::new()).unwrap();
+        assert_eq!(a.validation.len(), 10);
+        assert_eq!(a.train.len(), 40);
+        assert_eq!(first_pixel(&a.validation), first_pixel(&b.validation));
+        assert_ne!(first_pixel(&a.validation), first_pixel(&c.validation));
+        let mut all: Vec<i64> = first_pixel(&a.train)
+            .into_iter()
+            .chain(first_pixel(&a.validation))
+            .map(|p| ((p * MNIST_STD + MNIST_MEAN) * 255.0).round() as i64)
+            .collect();
+        all.sort();
+        assert_eq!(
+            all,
+            (0..n as i64).collect::<Vec<_>>(),
+            "train and validation partition the set"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! Mean cross-entropy of logits against integer labels, as one op: a stable
+//! log-sum-exp per row forward, `(softmax - one_hot) / n` backward.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::f32_data;
+
+/// The labels of a CPU tensor argument, as `usize`.
+fn labels(storage: &CpuStorage, layout: &Layout, classes: usize) -> Result<Vec<usize>> {
+    let CpuStorage::U32(data) = storage else {
+        candle_core::bail!("cross-entropy: labels must be u32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("cross-entropy: labels must be contiguous");
+    };
+    data[start..end]
+        .iter()
+        .map(|&label| match label as usize {
+            l if l < classes => Ok(l),
+            l => candle_core::bail!("cross-entropy: label {l} out of range for {classes} classes"),
+        })
+        .collect()
+}
+
+/// `mean_i (logsumexp(z_i) - z_i[y_i])` over logits `(n, classes)` and labels `(n,)`.
+pub(super) struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "mnist-lab-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        zs: &CpuStorage,
+        zl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, classes) = zl.shape().dims2()?;
+        let z = f32_data(zs, zl, self.name())?;
+        let labels = labels(ys, yl, classes)?;
+        let total: f64 = z
+            .chunks_exact(classes)
+            .zip(&labels)
+            .map(|(row, &label)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+                (max + sum.ln() - row[label]) as f64
+            })
+            .sum();
+        Ok((
+            CpuStorage::F32(vec![(total / n as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _loss: &Tensor,
+        grad_loss: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let scale = grad_loss.to_scalar::<f32>()? / logits.dim(0)? as f32;
+        let grad = logits.apply_op2_no_bwd(labels, &CrossEntropyGrad { scale })?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// `scale * (softmax(z) - one_hot(y))`, from (logits, labels).
+struct CrossEntropyGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "mnist-lab-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        zs: &CpuStorage,
+        zl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, classes) = zl.shape().dims2()?;
+        let z = f32_data(zs, zl, self.name())?;
+        let labels = labels(ys, yl, classes)?;
+        let mut grad = vec![0f32; z.len()];
+        for ((out, row), &label) in grad
+            .chunks_exact_mut(classes)
+            .zip(z.chunks_exact(classes))
+            .zip(&labels)
+        {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            for o in out.iter_mut() {
+                *o *= self.scale / sum;
+            }
+            out[label] -= self.scale;
+        }
+        Ok((CpuStorage::F32(grad), zl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::kernels::cross_entropy;
+    use crate::model::kernels::testing::{max_diff, random};
+    use candle_core::{Device, Tensor, Var};
+
+    #[test]
+    fn cross_entropy_matches_candle_forward_and_backward() {
+        let logits = Var::from_tensor(&(random(&[32, 10], 1) * 5.0).unwrap()).unwrap();
+        let labels: Vec<u32> = (0..32).map(|i| (i * 7 % 10) as u32).collect();
+        let labels = Tensor::from_vec(labels, 32, &Device::Cpu).unwrap();
+        let ours = cross_entropy(&logits, &labels).unwrap();
+        let reference = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-5);
+        // Scaled, so the incoming gradient is not 1.
+        let a = (&ours * 3.0).unwrap().backward().unwrap();
+        let r = (&reference * 3.0).unwrap().backward().unwrap();
+        assert!(max_diff(a.get(&logits).unwrap(), r.get(&logits).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn out_of_range_labels_are_an_error() {
+        let logits = random(&[2, 10], 1);
+        let labels = Tensor::new(&[3u32, 10], &Device::Cpu).unwrap();
+        let err = cross_entropy(&logits, &labels).unwrap_err().to_string();
+        assert!(err.contains("label 10"), "{err}");
+    }
+}

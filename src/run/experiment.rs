@@ -1,0 +1,129 @@
+//! One experiment from config to run directory: load the data, train epoch after
+//! epoch while the [`RunRecord`] keeps the directory current, then test the best
+//! epoch's weights once.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::data::Datasets;
+use crate::model::checkpoint;
+use crate::run::RunError;
+use crate::run::metrics::{EpochMetrics, round};
+use crate::run::record::RunRecord;
+use crate::run::rundir::{self, RunDir, Status, Summary};
+use crate::train::{Score, Trainer};
+use crate::util::{device, progress, system};
+
+/// What a run left: its directory and final summary (completed, failed or interrupted).
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub dir: PathBuf,
+    pub summary: Summary,
+}
+
+/// A run that ended without completing, as its summary records it.
+#[derive(Debug, thiserror::Error)]
+#[error("run {}: {} (run directory {})", summary.status, summary.error.as_deref().unwrap_or("no error recorded"), dir.display())]
+pub struct Unfinished {
+    pub dir: PathBuf,
+    pub summary: Box<Summary>,
+}
+
+impl RunOutcome {
+    /// `Ok` for a completed run, else the summary's account of why not.
+    pub fn into_result(self) -> Result<RunOutcome, Unfinished> {
+        match self.summary.status {
+            Status::Completed => Ok(self),
+            _ => Err(Unfinished {
+                dir: self.dir,
+                summary: Box::new(self.summary),
+            }),
+        }
+    }
+}
+
+/// Runs `config`, writing `<runs_dir>/<name>-<time>/`. Errors before training
+/// (device, data) are returned and leave no run directory; once it exists, the
+/// outcome is returned and its summary says whether the run `completed`, `failed`
+/// (and why) or was `interrupted`.
+pub fn run(config: &Config, runs_dir: &Path) -> Result<RunOutcome, RunError> {
+    let started = Instant::now();
+    system::release_freed_memory();
+    system::reset_peak_rss();
+    let device = device::select(config.device.kind)?;
+    let data = load_data(config, &device, started)?;
+    let mut trainer = Trainer::new(&config.train_setup(), data.side, &device)?;
+    let run = RunDir::create(runs_dir, &config.name)?;
+    let mut record = RunRecord::start(run, config, &trainer, &device)?;
+    let test = train_epochs(&mut trainer, &data, config.train.epochs, &mut record)
+        .and_then(|()| test_best_epoch(&trainer, &record.run, &data));
+    let (run, summary) = record.finish(test, started.elapsed().as_secs_f64())?;
+    Ok(RunOutcome {
+        dir: run.path,
+        summary,
+    })
+}
+
+fn load_data(
+    config: &Config,
+    device: &candle_core::Device,
+    started: Instant,
+) -> Result<Datasets, RunError> {
+    let data = Datasets::load(&config.data, config.seed, device)?;
+    tracing::info!(
+        dir = %data.dir.display(),
+        train = data.train.len(),
+        validation = data.validation.len(),
+        test = data.test.len(),
+        load_secs = round(started.elapsed().as_secs_f64(), 3),
+        "data ready"
+    );
+    Ok(data)
+}
+
+/// Every epoch: train, validate, record.
+fn train_epochs(
+    trainer: &mut Trainer,
+    data: &Datasets,
+    epochs: usize,
+    record: &mut RunRecord,
+) -> Result<(), RunError> {
+    for epoch in 1..=epochs {
+        let metrics = train_epoch(trainer, data, epoch, epochs)?;
+        record.epoch_end(metrics, trainer)?;
+    }
+    Ok(())
+}
+
+/// One epoch of training (`epoch` counts from 1), then validation.
+fn train_epoch(
+    trainer: &mut Trainer,
+    data: &Datasets,
+    epoch: usize,
+    epochs: usize,
+) -> Result<EpochMetrics, RunError> {
+    let epoch_start = Instant::now();
+    let lr = trainer.learning_rate((epoch - 1) as f64);
+    let bar = progress::epoch_bar(data.train.len(), epoch, epochs);
+    let train = trainer.train_epoch(&data.train, epoch - 1, |n| bar.inc(n as u64))?;
+    let train_secs = epoch_start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let validation = trainer.evaluate(&data.validation)?;
+    Ok(EpochMetrics {
+        epoch,
+        train_loss: train.loss,
+        train_acc: train.accuracy,
+        val_loss: validation.loss,
+        val_acc: validation.accuracy,
+        lr,
+        epoch_secs: epoch_start.elapsed().as_secs_f64(),
+        images_per_sec: data.train.len() as f64 / train_secs,
+    })
+}
+
+/// The test set, touched once, by the weights of the best validation epoch.
+fn test_best_epoch(trainer: &Trainer, run: &RunDir, data: &Datasets) -> Result<Score, RunError> {
+    checkpoint::load(&trainer.varmap, &run.file(rundir::BEST_CHECKPOINT))?;
+    Ok(trainer.evaluate(&data.test)?)
+}

@@ -1,0 +1,161 @@
+//! The figures of each epoch: one row of `metrics.csv` and one `epoch` event.
+//!
+//! A new column is one line in the `epoch_metrics!` list below, plus the place
+//! that measures it ([`crate::run::experiment`]); the CSV header, the event's
+//! fields and the reading of older files (which lack it) follow from the list.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::run::rundir::RunFileError;
+use crate::util::fsio::FileError;
+
+/// Declares [`EpochMetrics`] and its event from one list of
+/// `field: type, decimals in the event (None: as is)`.
+macro_rules! epoch_metrics {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty, $decimals:expr;)*) => {
+        /// One row of `metrics.csv`: the figures of one epoch.
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+        // A column added later reads as 0 from files written before it.
+        #[serde(default)]
+        pub struct EpochMetrics {
+            $($(#[$doc])* pub $field: $ty,)*
+        }
+
+        impl EpochMetrics {
+            /// The per-epoch `info` event: every column, rounded for reading.
+            pub fn log(&self) {
+                tracing::info!($($field = ForLog::for_log(self.$field, $decimals),)* "epoch");
+            }
+        }
+    };
+}
+
+epoch_metrics! {
+    /// Counts from 1.
+    epoch: usize, None;
+    /// Mean loss over the epoch's training batches (dropout and augmentation on).
+    train_loss: f64, Some(5);
+    train_acc: f64, Some(5);
+    val_loss: f64, Some(5);
+    val_acc: f64, Some(5);
+    /// The learning rate at the start of the epoch.
+    lr: f64, None;
+    /// Training and validation.
+    epoch_secs: f64, Some(3);
+    /// Training images per second.
+    images_per_sec: f64, Some(0);
+}
+
+/// A value as the event shows it: floats rounded to some decimals.
+trait ForLog: Copy {
+    fn for_log(self, decimals: Option<i32>) -> Self;
+}
+
+impl ForLog for usize {
+    fn for_log(self, _decimals: Option<i32>) -> usize {
+        self
+    }
+}
+
+impl ForLog for f64 {
+    fn for_log(self, decimals: Option<i32>) -> f64 {
+        decimals.map_or(self, |d| round(self, d))
+    }
+}
+
+/// `value` rounded to `decimals` places.
+pub fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+/// `metrics.csv` content: the header (the field names) and one row per epoch.
+pub fn metrics_csv(rows: &[EpochMetrics]) -> Vec<u8> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    let header_only = [EpochMetrics::default()];
+    let serialized = if rows.is_empty() { &header_only } else { rows };
+    for row in serialized {
+        writer
+            .serialize(row)
+            .expect("a metrics row serializes to CSV");
+    }
+    let mut bytes = writer.into_inner().expect("writing to memory cannot fail");
+    if rows.is_empty() {
+        let header_end = bytes.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+        bytes.truncate(header_end);
+    }
+    bytes
+}
+
+/// Reads a run's `metrics.csv`.
+pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>, RunFileError> {
+    let malformed = |reason: String| RunFileError::Malformed {
+        path: path.to_path_buf(),
+        what: "metrics.csv",
+        reason,
+    };
+    let text = std::fs::read(path).map_err(FileError::on("read", path))?;
+    csv::Reader::from_reader(text.as_slice())
+        .deserialize()
+        .collect::<Result<Vec<EpochMetrics>, _>>()
+        .map_err(|e| malformed(e.to_string()))
+}
+
+/// Mean seconds per epoch (training and validation); `None` before the first epoch.
+pub fn mean_epoch_secs(metrics: &[EpochMetrics]) -> Option<f64> {
+    if metrics.is_empty() {
+        return None;
+    }
+    Some(metrics.iter().map(|m| m.epoch_secs).sum::<f64>() / metrics.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_secs,images_per_sec";
+
+    #[test]
+    fn metrics_round_trip_with_the_documented_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.csv");
+        std::fs::write(&path, metrics_csv(&[])).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{HEADER}\n")
+        );
+        assert_eq!(read_metrics(&path).unwrap(), vec![]);
+        let row = EpochMetrics {
+            epoch: 1,
+            train_loss: 0.5,
+            train_acc: 0.8,
+            val_loss: 0.4,
+            val_acc: 0.85,
+            lr: 0.01,
+            epoch_secs: 2.0,
+            images_per_sec: 1000.0,
+        };
+        std::fs::write(&path, metrics_csv(std::slice::from_ref(&row))).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&format!("{HEADER}\n")), "{text}");
+        assert_eq!(read_metrics(&path).unwrap(), vec![row]);
+    }
+
+    #[test]
+    fn files_without_a_later_column_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.csv");
+        std::fs::write(&path, "epoch,train_loss,val_acc\n3,0.25,0.5\n").unwrap();
+        let rows = read_metrics(&path).unwrap();
+        assert_eq!(
+            (rows[0].epoch, rows[0].train_loss, rows[0].val_acc),
+            (3, 0.25, 0.5)
+        );
+        assert_eq!(rows[0].images_per_sec, 0.0);
+        std::fs::write(&path, "epoch,val_acc\nthree,0.5\n").unwrap();
+        let err = read_metrics(&path).unwrap_err().to_string();
+        assert!(err.contains("metrics.csv"), "{err}");
+    }
+}

@@ -1,0 +1,50 @@
+//! Runs: one experiment into a run directory ([`experiment`]), what it records
+//! after every epoch ([`record`]), the directory's files ([`rundir`],
+//! [`metrics`], [`plots`]), and sweeps of many runs ([`sweep`]).
+
+pub mod experiment;
+pub mod metrics;
+pub mod plots;
+pub mod record;
+pub mod rundir;
+pub mod sweep;
+
+use crate::data::DataError;
+use crate::model::checkpoint::CheckpointError;
+use crate::train::TrainError;
+use crate::util::device::DeviceError;
+use crate::util::fsio::FileError;
+use crate::util::interrupt::Signal;
+use crate::util::plots::PlotError;
+
+/// Why a run could not start, or stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+    /// A bug: a sweep records it as the run's failure and goes on.
+    #[error("panicked: {0}")]
+    Panicked(String),
+}
+
+impl RunError {
+    /// The signal that stopped the run, when a signal did.
+    pub fn interruption(&self) -> Option<Signal> {
+        match self {
+            RunError::Train(TrainError::Interrupted(signal)) => Some(*signal),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The run directory: `runs/<name>-<UTC yyyymmdd-hhmmss>/` and the files in it.
+//! Every file is written under a temporary name and renamed into place, so a run
+//! killed at any moment leaves each file either old or new, never half-written.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::run::metrics::{EpochMetrics, metrics_csv};
+use crate::util::fsio::{FileError, create_unique_dir, read_text, write_atomic};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.csv";
+pub const EVENTS_FILE: &str = "events.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+pub const BEST_CHECKPOINT: &str = "model.safetensors";
+pub const LAST_CHECKPOINT: &str = "last.safetensors";
+pub const PLOTS_DIR: &str = "plots";
+
+/// A run's file that cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum RunFileError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{} is not a valid {what}: {reason}", path.display())]
+    Malformed {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// A sweep's run that has not started.
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    /// Stopped by SIGINT or SIGTERM; the checkpoints and metrics of finished epochs remain.
+    Interrupted,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Interrupted => "interrupted",
+        })
+    }
+}
+
+/// `summary.json`: written when the run starts, after every epoch and at the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub name: String,
+    pub model: String,
+    pub batch_norm: bool,
+    pub params: usize,
+    pub device: String,
+    pub seed: u64,
+    /// Epochs configured.
+    pub epochs: usize,
+    pub epochs_completed: usize,
+    pub best_epoch: Option<usize>,
+    pub best_val_acc: Option<f64>,
+    /// Test-set figures of `model.safetensors` (the best validation epoch).
+    pub test_loss: Option<f64>,
+    pub test_acc: Option<f64>,
+    pub wall_secs: f64,
+    /// Peak resident memory of the process so far (Linux only).
+    pub peak_rss_mb: Option<f64>,
+    /// CPU threads the run used.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// The machine's CPU model and core count (Linux), to read the timings by.
+    #[serde(default)]
+    pub host: Option<String>,
+    pub started_at: String,
+    pub status: Status,
+    pub error: Option<String>,
+}
+
+/// A created run directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `<runs_dir>/<name>-<UTC time>` with its `plots/` folder.
+    pub fn create(runs_dir: &Path, name: &str) -> Result<RunDir, FileError> {
+        let path = create_unique_dir(runs_dir, name)?;
+        let plots = path.join(PLOTS_DIR);
+        std::fs::create_dir(&plots).map_err(FileError::on("create", &plots))?;
+        Ok(RunDir { path })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn plot(&self, name: &str) -> PathBuf {
+        self.path.join(PLOTS_DIR).join(name)
+    }
+
+    pub fn write_config(&self, toml_text: &str) -> Result<(), FileError> {
+        write_atomic(&self.file(CONFIG_FILE), toml_text.as_bytes())
+    }
+
+    pub fn write_summary(&self, summary: &Summary) -> Result<(), FileError> {
+        let json = serde_json::to_vec_pretty(summary).expect("a summary serializes to JSON");
+        write_atomic(&self.file(SUMMARY_FILE), &json)
+    }
+
+    pub fn write_metrics(&self, rows: &[EpochMetrics]) -> Result<(), FileError> {
+        write_atomic(&self.file(METRICS_FILE), &metrics_csv(rows))
+    }
+
+    pub fn write_events(&self, jsonl: &[u8]) -> Result<(), FileError> {
+        write_atomic(&self.file(EVENTS_FILE), jsonl)
+    }
+}
+
+/// Reads a run's `summary.json`.
+pub fn read_summary(path: &Path) -> Result<Summary, RunFileError> {
+    let text = read_text(path)?;
+    serde_json::from_str(&text).map_err(|e| RunFileError::Malformed {
+        path: path.to_path_buf(),
+        what: "summary.json",
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_dirs_are_never_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = RunDir::create(dir.path(), "x").unwrap();
+        let b = RunDir::create(dir.path(), "x").unwrap();
+        assert_ne!(a.path, b.path);
+        assert!(a.path.join(PLOTS_DIR).is_dir() && b.path.join(PLOTS_DIR).is_dir());
+        let name = a.path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("x-") && name.len() == "x-yyyymmdd-hhmmss".len(),
+            "{name}"
+        );
+    }
+}

@@ -1,0 +1,645 @@
+//! Sweeps: many runs from config files, directories of them, `[sweep]` grids and
+//! comma lists in `--set`, run one after another (or a shard of them per machine),
+//! with a `sweep.json` record of what ran where.
+//!
+//! Planning is separate from running: every run of a sweep is expanded and its
+//! config validated before the first one trains, so a typo in the last config
+//! shows up at once, not hours later.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, Config, ConfigError, Override, SweepAxis, parse_value};
+use crate::run::RunError;
+use crate::run::experiment;
+use crate::run::rundir::Status;
+use crate::util::fsio::{FileError, create_unique_dir, write_atomic};
+use crate::util::table::{Table, percent};
+
+pub const RECORD_FILE: &str = "sweep.json";
+
+/// One `--set KEY=V1,V2,...` of a sweep: a single value applies to every run, a
+/// comma list makes the key an axis of the grid (as Hydra's multirun does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepSet {
+    pub key: String,
+    pub values: Vec<toml::Value>,
+}
+
+impl std::str::FromStr for SweepSet {
+    type Err = String;
+
+    fn from_str(assignment: &str) -> Result<Self, String> {
+        // The key is checked the way a plain override checks it.
+        let first: Override = assignment.parse()?;
+        let (_, value_text) = assignment.split_once('=').expect("parsed as KEY=VALUE");
+        let parts = split_top_level(value_text, ',');
+        if parts.len() == 1 {
+            return Ok(SweepSet {
+                key: first.key,
+                values: vec![first.value],
+            });
+        }
+        if parts.iter().any(|p| p.trim().is_empty()) {
+            return Err(format!(
+                "empty value in the comma list {value_text:?} (expected V1,V2,...)"
+            ));
+        }
+        Ok(SweepSet {
+            key: first.key,
+            values: parts.iter().map(|p| parse_value(p)).collect(),
+        })
+    }
+}
+
+/// Splits at `separator` outside brackets, braces and quotes, so `[1, 2],[3]` is
+/// two values.
+fn split_top_level(text: &str, separator: char) -> Vec<&str> {
+    let (mut parts, mut depth, mut quote, mut start) = (Vec::new(), 0i32, None, 0);
+    for (i, c) in text.char_indices() {
+        match (quote, c) {
+            (Some(q), _) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '[' | '{') => depth += 1,
+            (None, ']' | '}') => depth -= 1,
+            (None, _) if c == separator && depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// Config text to expand: a file, or a run recorded in a `sweep.json`.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Named in errors and in the plan.
+    pub origin: PathBuf,
+    pub text: String,
+    /// The run name when the config sets none (a file's stem).
+    pub default_name: Option<String>,
+}
+
+/// Reads the sources named on the command line: config files, directories (every
+/// `*.toml` in them, sorted), and `sweep.json` records (their runs' saved configs).
+pub fn read_sources(paths: &[PathBuf]) -> anyhow::Result<Vec<Source>> {
+    let mut sources = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let files = config::config_files(path)?;
+            if files.is_empty() {
+                anyhow::bail!("{} holds no .toml configs", path.display());
+            }
+            for file in files {
+                sources.push(read_config_file(&file)?);
+            }
+        } else if path.extension().is_some_and(|ext| ext == "json") {
+            let record = SweepRecord::read(path)?;
+            for entry in record.runs {
+                sources.push(Source {
+                    origin: PathBuf::from(format!("{} (run {})", path.display(), entry.name)),
+                    text: entry.config,
+                    default_name: None,
+                });
+            }
+        } else {
+            sources.push(read_config_file(path)?);
+        }
+    }
+    Ok(sources)
+}
+
+fn read_config_file(path: &Path) -> anyhow::Result<Source> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    Ok(Source {
+        origin: path.to_path_buf(),
+        text,
+        default_name: path.file_stem().map(|s| s.to_string_lossy().into_owned()),
+    })
+}
+
+/// One run of an expanded sweep.
+#[derive(Debug, Clone)]
+pub struct PlannedRun {
+    /// Position in the whole expanded list (before sharding).
+    pub index: usize,
+    pub source: PathBuf,
+    /// The grid values this run takes, `(dotted key, value)`.
+    pub varied: Vec<(String, toml::Value)>,
+    /// The resolved config, named after `varied`, without its `[sweep]` table.
+    pub config: Config,
+}
+
+/// Expands every source by its `[sweep]` grid and the comma lists in `sets`;
+/// single-valued `sets` apply to every run and fix that key where a grid varies it.
+pub fn plan(sources: &[Source], sets: &[SweepSet]) -> Result<Vec<PlannedRun>, ConfigError> {
+    // A key set twice takes its last value, as with `mnist-lab run`.
+    let sets: Vec<&SweepSet> = sets
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| !sets[i + 1..].iter().any(|later| later.key == s.key))
+        .map(|(_, s)| s)
+        .collect();
+    let fixed: Vec<Override> = sets
+        .iter()
+        .filter(|s| s.values.len() == 1)
+        .map(|s| Override {
+            key: s.key.clone(),
+            value: s.values[0].clone(),
+        })
+        .collect();
+    let command_line_axes: Vec<SweepAxis> = sets
+        .iter()
+        .filter(|s| s.values.len() > 1)
+        .map(|s| (s.key.clone(), s.values.clone()))
+        .collect();
+    let mut runs = Vec::new();
+    for source in sources {
+        let base = load(source, &fixed)?;
+        let mut axes: Vec<SweepAxis> = base
+            .sweep_axes()
+            .expect("validated when loaded")
+            .into_iter()
+            .filter(|(key, _)| !sets.iter().any(|s| &s.key == key))
+            .collect();
+        let from_file = axes.len();
+        axes.extend(command_line_axes.iter().cloned());
+        for varied in combinations(&axes) {
+            let mut overrides = fixed.clone();
+            overrides.extend(varied.iter().map(|(key, value)| Override {
+                key: key.clone(),
+                value: value.clone(),
+            }));
+            let mut config = load(source, &overrides)
+                .map_err(|e| blame_grid(e, source, &varied[..from_file.min(varied.len())]))?;
+            config.sweep.clear();
+            if !varied.is_empty() {
+                config.name = run_name(&base.name, &varied);
+            }
+            runs.push(PlannedRun {
+                index: runs.len(),
+                source: source.origin.clone(),
+                varied,
+                config,
+            });
+        }
+    }
+    Ok(runs)
+}
+
+fn load(source: &Source, overrides: &[Override]) -> Result<Config, ConfigError> {
+    Config::from_toml(
+        &source.text,
+        &source.origin,
+        source.default_name.as_deref(),
+        overrides,
+    )
+}
+
+/// An error from a value the file's `[sweep]` table supplied names that table,
+/// not a `--set` the user never typed.
+fn blame_grid(error: ConfigError, source: &Source, grid: &[(String, toml::Value)]) -> ConfigError {
+    match error {
+        ConfigError::Override {
+            assignment,
+            message,
+        } if grid.iter().any(|(k, v)| assignment == format!("{k}={v}")) => ConfigError::Invalid {
+            path: source.origin.clone(),
+            message: format!("[sweep] {assignment}: {message}"),
+        },
+        other => other,
+    }
+}
+
+/// Every combination of the axes' values; the last axis varies fastest.
+fn combinations(axes: &[SweepAxis]) -> Vec<Vec<(String, toml::Value)>> {
+    axes.iter().fold(vec![Vec::new()], |done, (key, values)| {
+        done.into_iter()
+            .flat_map(|prefix| {
+                values.iter().map(move |value| {
+                    let mut combination = prefix.clone();
+                    combination.push((key.clone(), value.clone()));
+                    combination
+                })
+            })
+            .collect()
+    })
+}
+
+/// `lenet5-weight_decay_0.0005-batch_norm_true`: the base name, then each varied
+/// key's last part (the whole key where two share one) and its value.
+pub fn run_name(base: &str, varied: &[(String, toml::Value)]) -> String {
+    let last = |key: &str| key.rsplit('.').next().unwrap_or(key).to_string();
+    let mut name = base.to_string();
+    for (key, value) in varied {
+        let shared = varied
+            .iter()
+            .filter(|(other, _)| last(other) == last(key))
+            .count()
+            > 1;
+        let label = if shared { key.clone() } else { last(key) };
+        let value = match value {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        name += &format!("-{label}_{value}");
+    }
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `--shard I/N`: the runs whose index is I modulo N (I counts from 0, as a Slurm
+/// array's `SLURM_ARRAY_TASK_ID` does with `--array=0-(N-1)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let expected = || format!("expected I/N with 0 <= I < N (e.g. 0/4), got {text:?}");
+        let (index, count) = text.split_once('/').ok_or_else(expected)?;
+        let index: usize = index.trim().parse().map_err(|_| expected())?;
+        let count: usize = count.trim().parse().map_err(|_| expected())?;
+        if count == 0 || index >= count {
+            return Err(expected());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl Shard {
+    /// Round-robin, so each shard gets a similar mix of long and short runs.
+    pub fn owns(&self, run_index: usize) -> bool {
+        run_index % self.count == self.index
+    }
+}
+
+/// `sweep.json`: the expanded runs and what became of each, rewritten after every
+/// run so it can be read while the sweep goes on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepRecord {
+    pub name: String,
+    pub started_at: String,
+    /// `I/N` where this record holds one shard of the sweep.
+    pub shard: Option<String>,
+    /// Runs in the whole expanded sweep, all shards together.
+    pub total_runs: usize,
+    pub runs: Vec<SweepEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepEntry {
+    pub index: usize,
+    pub name: String,
+    pub source: PathBuf,
+    pub varied: serde_json::Map<String, serde_json::Value>,
+    /// `pending`, then the run's own status.
+    pub status: Status,
+    pub run_dir: Option<PathBuf>,
+    pub best_val_acc: Option<f64>,
+    pub test_acc: Option<f64>,
+    pub wall_secs: Option<f64>,
+    pub error: Option<String>,
+    /// The resolved config the run trains with: `mnist-lab sweep <this file>` reruns it.
+    pub config: String,
+}
+
+impl SweepRecord {
+    pub fn new(name: &str, shard: Option<Shard>, total_runs: usize, runs: &[PlannedRun]) -> Self {
+        SweepRecord {
+            name: name.to_string(),
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            shard: shard.map(|s| s.to_string()),
+            total_runs,
+            runs: runs.iter().map(SweepEntry::pending).collect(),
+        }
+    }
+
+    pub fn read(path: &Path) -> anyhow::Result<SweepRecord> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("{} is not a sweep record (sweep.json): {e}", path.display())
+        })
+    }
+
+    pub fn write(&self, path: &Path) -> Result<(), FileError> {
+        let json = serde_json::to_vec_pretty(self).expect("a sweep record serializes to JSON");
+        write_atomic(path, &json)
+    }
+
+    /// The end-of-sweep table.
+    pub fn table(&self) -> Table {
+        let mut table = Table::new(&[
+            "#", "run", "status", "best val", "test acc", "wall", "run dir",
+        ]);
+        for entry in &self.runs {
+            table.push(vec![
+                entry.index.to_string(),
+                entry.name.clone(),
+                entry.status.to_string(),
+                percent(entry.best_val_acc),
+                percent(entry.test_acc),
+                entry.wall_secs.map_or("-".into(), |s| format!("{s:.0}s")),
+                entry
+                    .run_dir
+                    .as_ref()
+                    .map_or("-".into(), |d| d.display().to_string()),
+            ]);
+        }
+        table
+    }
+}
+
+impl SweepEntry {
+    fn pending(run: &PlannedRun) -> SweepEntry {
+        SweepEntry {
+            index: run.index,
+            name: run.config.name.clone(),
+            source: run.source.clone(),
+            varied: run
+                .varied
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or_default()))
+                .collect(),
+            status: Status::Pending,
+            run_dir: None,
+            best_val_acc: None,
+            test_acc: None,
+            wall_secs: None,
+            error: None,
+            config: run.config.to_toml(),
+        }
+    }
+}
+
+/// The plan as a table, for `--list`: which shard each run falls to.
+pub fn plan_table(runs: &[PlannedRun], shards: usize) -> Table {
+    let mut table = Table::new(&["#", "shard", "run", "source", "varied"]);
+    for run in runs {
+        let varied: Vec<String> = run.varied.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        table.push(vec![
+            run.index.to_string(),
+            format!("{}/{shards}", run.index % shards),
+            run.config.name.clone(),
+            run.source.display().to_string(),
+            varied.join(" "),
+        ]);
+    }
+    table
+}
+
+/// Runs `runs` in turn under `runs_dir`, keeping `record` (at `record_path`)
+/// current. A failing run is recorded and the next one starts; Ctrl-C stops the
+/// sweep after the current run's files are written. Returns how many failed.
+pub fn execute(
+    runs: &[PlannedRun],
+    record: &mut SweepRecord,
+    record_path: &Path,
+    runs_dir: &Path,
+) -> anyhow::Result<usize> {
+    record.write(record_path)?;
+    let mut failed = 0;
+    for (position, run) in runs.iter().enumerate() {
+        if crate::util::interrupt::stop_requested().is_some() {
+            break;
+        }
+        tracing::info!(
+            run = %run.config.name,
+            index = run.index,
+            of = runs.len(),
+            "sweep run {} of {}",
+            position + 1,
+            runs.len()
+        );
+        record.runs[position].status = Status::Running;
+        record.write(record_path)?;
+        // A panic in one run is that run's failure, not the sweep's.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            experiment::run(&run.config, runs_dir)
+        }))
+        .unwrap_or_else(|panic| Err(RunError::Panicked(panic_message(&panic))));
+        let entry = &mut record.runs[position];
+        let status = match result {
+            Ok(outcome) => {
+                let summary = outcome.summary;
+                entry.run_dir = Some(outcome.dir);
+                entry.best_val_acc = summary.best_val_acc;
+                entry.test_acc = summary.test_acc;
+                entry.wall_secs = Some(summary.wall_secs);
+                entry.error = summary.error;
+                summary.status
+            }
+            Err(error) => {
+                entry.error = Some(format!("{error:#}"));
+                Status::Failed
+            }
+        };
+        entry.status = status;
+        if status == Status::Failed {
+            failed += 1;
+            tracing::error!(
+                run = %entry.name,
+                error = entry.error.as_deref().unwrap_or(""),
+                "sweep run failed; going on with the next"
+            );
+        }
+        record.write(record_path)?;
+    }
+    Ok(failed)
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Creates `<runs_dir>/sweep-<name>[-shardIofN]-<time>/` for the record.
+pub fn create_record_dir(
+    runs_dir: &Path,
+    name: &str,
+    shard: Option<Shard>,
+) -> Result<PathBuf, FileError> {
+    let label = match shard {
+        Some(s) => format!("sweep-{name}-shard{}of{}", s.index, s.count),
+        None => format!("sweep-{name}"),
+    };
+    create_unique_dir(runs_dir, &label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(text: &str) -> Source {
+        Source {
+            origin: PathBuf::from("grid.toml"),
+            text: text.into(),
+            default_name: Some("grid".into()),
+        }
+    }
+
+    fn sets(items: &[&str]) -> Vec<SweepSet> {
+        items.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    const GRID: &str = "[sweep]\n\"optimizer.weight_decay\" = [0.0, 1e-4, 5e-4]\n\
+                        \"model.batch_norm\" = [false, true]\n";
+
+    #[test]
+    fn grid_expands_to_every_combination_named_by_its_values() {
+        let runs = plan(&[source(GRID)], &[]).unwrap();
+        assert_eq!(runs.len(), 6);
+        let names: Vec<&str> = runs.iter().map(|r| r.config.name.as_str()).collect();
+        assert_eq!(names[0], "grid-batch_norm_false-weight_decay_0.0");
+        assert_eq!(names[5], "grid-batch_norm_true-weight_decay_0.0005");
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), 6);
+        assert!(runs[5].config.model.batch_norm);
+        assert_eq!(runs[5].config.optimizer.weight_decay, 5e-4);
+        assert!(runs.iter().all(|r| r.config.sweep.is_empty()));
+        assert!(!runs[0].config.to_toml().contains("sweep"));
+        assert_eq!(
+            runs.iter().map(|r| r.index).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4, 5]
+        );
+    }
+
+    #[test]
+    fn unquoted_dotted_keys_are_axes_too() {
+        let runs = plan(&[source("[sweep]\noptimizer.lr = [0.1, 0.2]\n")], &[]).unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[1].config.optimizer.lr, Some(0.2));
+        assert_eq!(runs[1].config.name, "grid-lr_0.2");
+    }
+
+    #[test]
+    fn comma_lists_on_the_command_line_multiply_the_grid() {
+        let runs = plan(
+            &[source(GRID)],
+            &sets(&["optimizer.lr=0.01,0.05", "train.epochs=2"]),
+        )
+        .unwrap();
+        assert_eq!(runs.len(), 12);
+        assert!(runs.iter().all(|r| r.config.train.epochs == 2));
+        assert!(
+            runs[1].config.name.ends_with("-lr_0.05"),
+            "{}",
+            runs[1].config.name
+        );
+    }
+
+    #[test]
+    fn a_key_set_twice_takes_its_last_value() {
+        let runs = plan(
+            &[source(GRID)],
+            &sets(&["optimizer.lr=0.01,0.05", "optimizer.lr=0.1"]),
+        )
+        .unwrap();
+        assert_eq!(runs.len(), 6);
+        assert!(runs.iter().all(|r| r.config.optimizer.lr == Some(0.1)));
+    }
+
+    #[test]
+    fn a_single_value_fixes_a_grid_key() {
+        let runs = plan(&[source(GRID)], &sets(&["model.batch_norm=true"])).unwrap();
+        assert_eq!(runs.len(), 3);
+        assert!(runs.iter().all(|r| r.config.model.batch_norm));
+    }
+
+    #[test]
+    fn a_config_without_grid_is_one_run_with_its_own_name() {
+        let runs = plan(&[source("name = \"plain\"\n")], &[]).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].config.name, "plain");
+    }
+
+    #[test]
+    fn bad_grid_values_name_the_file_and_the_sweep_table() {
+        let err = plan(&[source("[sweep]\n\"optimizer.lr\" = [0.1, -1.0]\n")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grid.toml"), "{err}");
+        assert!(err.contains("[sweep] optimizer.lr=-1.0"), "{err}");
+        let err = plan(&[source("[sweep]\n\"optimizer.lr\" = 0.1\n")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sweep.optimizer.lr") && err.contains("list"),
+            "{err}"
+        );
+        let err = plan(&[source("[sweep]\n\"optimizer.lrr\" = [0.1]\n")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lrr"), "{err}");
+    }
+
+    #[test]
+    fn comma_lists_respect_brackets_and_quotes() {
+        let set: SweepSet = "data.dir=\"a,b\"".parse().unwrap();
+        assert_eq!(set.values, vec![toml::Value::String("a,b".into())]);
+        let set: SweepSet = "x.y=[1, 2],[3]".parse().unwrap();
+        assert_eq!(set.values.len(), 2);
+        let set: SweepSet = "optimizer.kind=sgd,adam".parse().unwrap();
+        assert_eq!(
+            set.values,
+            vec![
+                toml::Value::String("sgd".into()),
+                toml::Value::String("adam".into())
+            ]
+        );
+        assert!("optimizer.lr=0.1,".parse::<SweepSet>().is_err());
+    }
+
+    #[test]
+    fn shards_cover_every_run_exactly_once() {
+        for count in 1..=7 {
+            let shards: Vec<Shard> = (0..count).map(|index| Shard { index, count }).collect();
+            for run in 0..23 {
+                assert_eq!(shards.iter().filter(|s| s.owns(run)).count(), 1);
+            }
+        }
+        assert_eq!(
+            "1/4".parse::<Shard>().unwrap(),
+            Shard { index: 1, count: 4 }
+        );
+        for bad in ["4/4", "1", "a/2", "0/0", "-1/3"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_fall_back_to_whole_keys_and_stay_portable() {
+        let varied = vec![
+            ("a.lr".to_string(), toml::Value::Float(0.1)),
+            ("b.lr".to_string(), toml::Value::String("x/y".into())),
+        ];
+        assert_eq!(run_name("base", &varied), "base-a.lr_0.1-b.lr_x_y");
+    }
+}

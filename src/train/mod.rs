@@ -1,0 +1,72 @@
+//! Training: the `[train]` config, the loop over mini-batches ([`Trainer`]),
+//! optimisers ([`optim`]) and learning-rate schedules ([`schedule`]).
+
+pub mod optim;
+pub mod schedule;
+mod trainer;
+
+use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
+
+use crate::model::ModelConfig;
+use crate::util::interrupt::Signal;
+use crate::util::invalid::{InvalidField, invalid};
+use optim::OptimizerConfig;
+use schedule::ScheduleConfig;
+
+pub use trainer::*;
+
+/// Why training stopped before its last epoch.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("interrupted by {0}")]
+    Interrupted(Signal),
+    #[error(
+        "validation loss is {loss} at epoch {epoch}: training diverged (try a lower optimizer.lr)"
+    )]
+    Diverged { epoch: usize, loss: f64 },
+}
+
+/// `[train]`: the loop itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    #[default(20)]
+    pub epochs: usize,
+    #[default(64)]
+    pub batch_size: usize,
+    /// Batch size for validation and test evaluation (no gradients, so larger).
+    #[default(1000)]
+    pub eval_batch_size: usize,
+}
+
+impl TrainConfig {
+    /// Range checks of the `[train]` fields.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        for (key, value) in [
+            ("train.epochs", self.epochs),
+            ("train.batch_size", self.batch_size),
+            ("train.eval_batch_size", self.eval_batch_size),
+        ] {
+            if value == 0 {
+                return invalid(key, "expected at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a [`Trainer`] is built from: the config's sections it reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSetup {
+    pub model: ModelConfig,
+    pub optimizer: OptimizerConfig,
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+    /// `data.augment_shift`.
+    pub augment_shift: usize,
+    /// Seeds initialisation, shuffling, augmentation and dropout.
+    pub seed: u64,
+}

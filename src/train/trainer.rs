@@ -1,0 +1,163 @@
+//! The training loop: one epoch of shuffled mini-batches, and evaluation.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarMap;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::Tensors;
+use crate::model::kernels;
+use crate::model::{self, Classifier};
+use crate::train::optim::Optimizer;
+use crate::train::schedule;
+use crate::train::{TrainError, TrainSetup};
+use crate::util::interrupt;
+
+/// Mean loss and accuracy over a set of images.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// A model, its variables and its optimiser, with the state of the run.
+pub struct Trainer {
+    pub model: Box<dyn Classifier>,
+    pub varmap: VarMap,
+    optimizer: Optimizer,
+    setup: TrainSetup,
+    shuffle_rng: ChaCha8Rng,
+    augment_rng: ChaCha8Rng,
+    /// Optimiser steps taken so far (PyTorch's BatchNorm `num_batches_tracked`).
+    pub steps: u64,
+}
+
+impl Trainer {
+    pub fn new(setup: &TrainSetup, input_side: usize, device: &Device) -> Result<Trainer> {
+        let varmap = VarMap::new();
+        let model = model::build(&setup.model, input_side, setup.seed, &varmap, device)?;
+        let optimizer = Optimizer::new(&setup.optimizer, &varmap);
+        Ok(Trainer {
+            model,
+            varmap,
+            optimizer,
+            setup: setup.clone(),
+            shuffle_rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0x5_4FF1E),
+            augment_rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0xA_0637),
+            steps: 0,
+        })
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        model::parameter_count(&self.varmap)
+    }
+
+    /// The learning rate `epochs_done` (fractional) epochs into the run.
+    pub fn learning_rate(&self, epochs_done: f64) -> f64 {
+        schedule::learning_rate(
+            &self.setup.schedule,
+            self.setup.optimizer.lr(),
+            epochs_done,
+            self.setup.train.epochs,
+        )
+    }
+
+    /// Trains one epoch (`epoch` counts from 0) over `train` in a fresh seeded order;
+    /// `on_batch` hears the number of images of each batch done.
+    pub fn train_epoch(
+        &mut self,
+        train: &Tensors,
+        epoch: usize,
+        mut on_batch: impl FnMut(usize),
+    ) -> std::result::Result<Score, TrainError> {
+        let mut order: Vec<u32> = (0..train.len() as u32).collect();
+        order.shuffle(&mut self.shuffle_rng);
+        let batch_size = self.setup.train.batch_size;
+        let batches = order.len().div_ceil(batch_size);
+        let device = train.images.device();
+        // The epoch's order goes to the device once; batches are views of it.
+        let order_on_device = Tensor::from_slice(&order, order.len(), device)?;
+        // Sums stay on the device and are read once per epoch: no sync per batch.
+        let mut loss_sum = Tensor::zeros((), DType::F32, device)?;
+        let mut correct = Tensor::zeros((), DType::F32, device)?;
+        let mut seen = 0usize;
+        for (index, chunk) in order.chunks(batch_size).enumerate() {
+            let batch = order_on_device.narrow(0, index * batch_size, chunk.len())?;
+            if let Some(signal) = interrupt::stop_requested() {
+                return Err(TrainError::Interrupted(signal));
+            }
+            // A batch of one has no batch variance for BatchNorm: skip that remainder.
+            if chunk.len() < 2 && self.setup.model.batch_norm {
+                continue;
+            }
+            let lr = self.learning_rate(epoch as f64 + index as f64 / batches as f64);
+            let (images, labels) = match self.setup.augment_shift {
+                0 => train.gather(&batch)?,
+                shift => train.gather_shifted(&batch, chunk, shift, &mut self.augment_rng)?,
+            };
+            let (loss, logits) = self.train_step(&images, &labels, lr)?;
+            loss_sum = (loss_sum + (loss * chunk.len() as f64)?)?;
+            correct = (correct + count_correct(&logits, &labels)?)?;
+            seen += chunk.len();
+            on_batch(chunk.len());
+        }
+        Ok(Score {
+            loss: loss_sum.to_scalar::<f32>()? as f64 / seen as f64,
+            accuracy: correct.to_scalar::<f32>()? as f64 / seen as f64,
+        })
+    }
+
+    /// One optimiser step on a batch; returns the (detached) mean loss and logits.
+    pub fn train_step(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        lr: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let model = self.model.as_ref();
+        let (logits, loss, grads) = kernels::install(|| -> Result<_> {
+            let logits = model.logits(images, true)?;
+            let loss = kernels::cross_entropy(&logits, labels)?;
+            let grads = loss.backward()?;
+            Ok((logits, loss, grads))
+        })?;
+        self.optimizer.step(&grads, lr)?;
+        self.steps += 1;
+        Ok((loss.detach(), logits.detach()))
+    }
+
+    /// Loss and accuracy on `set` in evaluation mode (running BatchNorm statistics,
+    /// no dropout).
+    pub fn evaluate(&self, set: &Tensors) -> Result<Score> {
+        evaluate(self.model.as_ref(), set, self.setup.train.eval_batch_size)
+    }
+}
+
+/// Loss and accuracy of `model` on `set`, in batches of `batch_size`.
+pub fn evaluate(model: &dyn Classifier, set: &Tensors, batch_size: usize) -> Result<Score> {
+    let device = set.images.device();
+    let mut loss_sum = Tensor::zeros((), DType::F32, device)?;
+    let mut correct = Tensor::zeros((), DType::F32, device)?;
+    let n = set.len();
+    for start in (0..n).step_by(batch_size) {
+        let len = batch_size.min(n - start);
+        let batch = set.slice(start, len)?;
+        let logits = kernels::install(|| model.logits(&batch.images, false))?.detach();
+        let loss = kernels::cross_entropy(&logits, &batch.labels)?;
+        loss_sum = (loss_sum + (loss * len as f64)?)?;
+        correct = (correct + count_correct(&logits, &batch.labels)?)?;
+    }
+    Ok(Score {
+        loss: loss_sum.to_scalar::<f32>()? as f64 / n as f64,
+        accuracy: correct.to_scalar::<f32>()? as f64 / n as f64,
+    })
+}
+
+/// Number of rows whose largest logit is the label, as an f32 scalar tensor.
+fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    model::predictions(logits)?
+        .eq(labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()
+}

@@ -1,0 +1,12 @@
+//! Small shared pieces every layer may use: atomic files, devices, signals,
+//! tables, plots, progress bars, logging and process facts.
+
+pub mod device;
+pub mod fsio;
+pub mod interrupt;
+pub mod invalid;
+pub mod plots;
+pub mod progress;
+pub mod system;
+pub mod table;
+pub mod telemetry;
