@@ -1,0 +1,219 @@
+//! `runs`, `compare`, `eval`, `predict`, `report`: using finished runs.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::analyze::evaluate::{self, TrainedModel};
+use crate::analyze::inspect::{self, SortKey};
+use crate::analyze::report::{self, ReportOptions};
+use crate::analyze::{compare, predict};
+use crate::config::Override;
+use crate::run::rundir;
+use crate::util::table::{Table, percent};
+
+#[derive(Args)]
+pub(super) struct RunsArgs {
+    /// Folder of run directories.
+    #[arg(default_value = "runs")]
+    dir: PathBuf,
+    /// Sort by this column (accuracies best first, the rest ascending).
+    #[arg(long, value_enum, default_value = "started")]
+    sort: SortKey,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RunsArgs {
+    pub(super) fn execute(self) -> anyhow::Result<()> {
+        let (mut runs, warnings) = inspect::scan(&self.dir)?;
+        for warning in warnings {
+            eprintln!("warning: {warning}");
+        }
+        inspect::sort(&mut runs, self.sort);
+        if self.json {
+            println!("{}", inspect::runs_json(&runs));
+        } else if runs.is_empty() {
+            eprintln!("no runs in {}", self.dir.display());
+        } else {
+            print!("{}", inspect::runs_table(&runs).to_text());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub(super) struct CompareArgs {
+    /// Run directories to compare.
+    #[arg(required = true, value_name = "RUN_DIR")]
+    runs: Vec<PathBuf>,
+    /// Where compare.png and compare.md go (default: runs/compare-<time>/).
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+}
+
+impl CompareArgs {
+    pub(super) fn execute(self) -> anyhow::Result<()> {
+        let runs = self
+            .runs
+            .iter()
+            .map(|dir| inspect::RunInfo::read(dir))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let curves = compare::load(runs)?;
+        let output = match self.output {
+            Some(dir) => dir,
+            None => crate::util::fsio::create_unique_dir(&PathBuf::from("runs"), "compare")?,
+        };
+        let (figure, markdown) = compare::write(&curves, &output)?;
+        print!("{markdown}");
+        eprintln!(
+            "wrote {} and {}",
+            figure.display(),
+            output.join(compare::TABLE_FILE).display()
+        );
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub(super) struct CheckpointArgs {
+    /// The run directory.
+    run_dir: PathBuf,
+    /// Which checkpoint: the best validation epoch's or the last epoch's.
+    #[arg(long, value_enum, default_value = "best")]
+    checkpoint: Checkpoint,
+    /// Override a field of the run's saved config, e.g. `--set data.dir=...`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<Override>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Checkpoint {
+    Best,
+    Last,
+}
+
+impl CheckpointArgs {
+    fn load(&self) -> anyhow::Result<TrainedModel> {
+        let file = match self.checkpoint {
+            Checkpoint::Best => rundir::BEST_CHECKPOINT,
+            Checkpoint::Last => rundir::LAST_CHECKPOINT,
+        };
+        TrainedModel::load(&self.run_dir, file, &self.set)
+    }
+}
+
+#[derive(Args)]
+pub(super) struct EvalArgs {
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl EvalArgs {
+    pub(super) fn execute(self) -> anyhow::Result<()> {
+        let model = self.checkpoint.load()?;
+        let (evaluation, test) = evaluate::evaluate(&model)?;
+        let written = evaluate::write_files(&evaluation, &test, &model.run.summary.name)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&evaluation)?);
+        } else {
+            println!(
+                "{}: test accuracy {:.2}% ({} of {} wrong), loss {:.4}",
+                model.checkpoint.display(),
+                100.0 * evaluation.accuracy,
+                evaluation.mistakes.len(),
+                evaluation.images,
+                evaluation.loss
+            );
+            let mut table = Table::new(&["class", "images", "accuracy", "most often read as"]);
+            for (class, row) in evaluation.confusion.iter().enumerate() {
+                let (other, count) = row
+                    .iter()
+                    .enumerate()
+                    .filter(|(p, _)| *p != class)
+                    .max_by_key(|(_, c)| **c)
+                    .expect("ten classes");
+                table.push(vec![
+                    class.to_string(),
+                    row.iter().sum::<usize>().to_string(),
+                    percent(Some(evaluation.per_class_accuracy[class])),
+                    if *count > 0 {
+                        format!("{other} ({count})")
+                    } else {
+                        "-".into()
+                    },
+                ]);
+            }
+            print!("{}", table.to_text());
+        }
+        for path in written {
+            eprintln!("wrote {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub(super) struct PredictArgs {
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
+    /// PNG files to classify.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+impl PredictArgs {
+    pub(super) fn execute(self) -> anyhow::Result<()> {
+        let model = self.checkpoint.load()?;
+        let predictions = predict::predict(&model, &self.images)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&predictions)?);
+            return Ok(());
+        }
+        for p in predictions {
+            let top: Vec<String> = p
+                .top
+                .iter()
+                .map(|c| format!("{} ({:.1}%)", c.class, 100.0 * c.probability))
+                .collect();
+            println!("{}: {}", p.image.display(), top.join(", "));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub(super) struct ReportArgs {
+    /// Folder of run directories to report from.
+    #[arg(long, value_name = "DIR", default_value = "runs")]
+    runs_dir: PathBuf,
+    /// The configs to report, one row each.
+    #[arg(long, value_name = "DIR", default_value = "configs")]
+    configs: PathBuf,
+    /// The README whose marked section is rewritten.
+    #[arg(long, value_name = "FILE", default_value = "README.md")]
+    readme: PathBuf,
+    /// Where the images go, relative to the README.
+    #[arg(long, value_name = "DIR", default_value = "docs/results")]
+    assets: PathBuf,
+}
+
+impl ReportArgs {
+    pub(super) fn execute(self) -> anyhow::Result<()> {
+        report::generate(&ReportOptions {
+            runs_dir: self.runs_dir,
+            configs_dir: self.configs,
+            readme: self.readme.clone(),
+            assets: self.assets,
+        })?;
+        eprintln!("rewrote the results section of {}", self.readme.display());
+        Ok(())
+    }
+}
