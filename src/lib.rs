@@ -1,5 +1,23 @@
 //! mnist-lab: train MNIST classifiers (LeNet5, CustomMLP) with Candle from TOML
 //! configs, writing each run to a directory of metrics, checkpoints and plots.
+//!
+//! The map, lowest layer first; a module uses only its own layer and those
+//! below it (`tests/layers.rs` checks it):
+//!
+//! - [`util`]: shared pieces: atomic files, devices, signals, tables, plots,
+//!   progress bars, logging.
+//! - [`data`]: the `[data]` config; MNIST found or downloaded, read, split,
+//!   prepared as tensors, augmented.
+//! - [`model`]: the `[model]` config and the list of model kinds; the networks,
+//!   their layers, the fast CPU kernels, checkpoints.
+//! - [`train`]: the `[train]`, `[optimizer]` and `[schedule]` configs; the
+//!   trainer (one epoch, one step, evaluation), optimisers, schedules.
+//! - [`config`]: the whole config file: loading, `--set` overrides, validation,
+//!   the `[sweep]` grid.
+//! - [`run`]: one run into a run directory, its recorders, and sweeps.
+//! - [`analyze`]: runs read back, compared, evaluated, used to predict,
+//!   reported; throughput benchmarks.
+//! - [`cli`]: the command line.
 
 pub mod analyze;
 pub mod cli;

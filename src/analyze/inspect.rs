@@ -8,7 +8,6 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::run::metrics::{self, EpochMetrics};
 use crate::run::rundir::{self, Summary};
-use crate::train::optim::OptimizerKind;
 use crate::util::table::{Table, percent, thousands};
 
 /// A run directory as read back: its summary, and its config where it parses.
@@ -70,9 +69,10 @@ pub fn regularisation(config: &Config) -> String {
     }
     let decay = config.optimizer.weight_decay;
     if decay > 0.0 {
-        let label = match config.optimizer.kind {
-            OptimizerKind::Adamw => "decay",
-            _ => "L2",
+        let label = if config.optimizer.kind.decouples_weight_decay() {
+            "decay"
+        } else {
+            "L2"
         };
         parts.push(format!("{label} {decay:e}"));
     }

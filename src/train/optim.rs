@@ -86,6 +86,17 @@ pub enum OptimizerKind {
     Adamw,
 }
 
+impl OptimizerKind {
+    /// Whether `weight_decay` shrinks the weights directly (AdamW) rather than
+    /// adding an L2 term to the gradient (SGD, Adam).
+    pub fn decouples_weight_decay(self) -> bool {
+        match self {
+            OptimizerKind::Sgd | OptimizerKind::Adam => false,
+            OptimizerKind::Adamw => true,
+        }
+    }
+}
+
 /// Per-parameter state: SGD's momentum buffer, or Adam's two moments.
 enum State {
     Empty,
@@ -177,9 +188,10 @@ fn adam(
     let mut grad = grad.clone();
     let mut param = param.clone();
     if config.weight_decay > 0.0 {
-        match config.kind {
-            OptimizerKind::Adamw => param = (param * (1.0 - lr * config.weight_decay))?,
-            _ => grad = (grad + (&param * config.weight_decay)?)?,
+        if config.kind.decouples_weight_decay() {
+            param = (param * (1.0 - lr * config.weight_decay))?;
+        } else {
+            grad = (grad + (&param * config.weight_decay)?)?;
         }
     }
     let (first, second) = match state {
