@@ -84,25 +84,6 @@ pub fn load(varmap: &VarMap, path: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// Copies every variable's current value: a snapshot to restore later.
-pub fn snapshot(varmap: &VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
-    let vars = varmap.data().lock().expect("varmap lock");
-    vars.iter()
-        .map(|(name, var)| Ok((name.clone(), var.as_detached_tensor().copy()?)))
-        .collect()
-}
-
-/// Restores the values taken by [`snapshot`].
-pub fn restore(varmap: &VarMap, values: &HashMap<String, Tensor>) -> candle_core::Result<()> {
-    let vars = varmap.data().lock().expect("varmap lock");
-    for (name, var) in vars.iter() {
-        if let Some(value) = values.get(name) {
-            var.set(value)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
