@@ -15,6 +15,8 @@ pub enum CheckpointError {
     Mismatch { path: String, reason: String },
     #[error("cannot write checkpoint {path}: {reason}")]
     Write { path: String, reason: String },
+    #[error(transparent)]
+    File(#[from] crate::util::fsio::FileError),
 }
 
 /// Serialises every variable of `varmap`, plus PyTorch's `num_batches_tracked`
@@ -44,7 +46,7 @@ pub fn save(varmap: &VarMap, batches_trained: u64, path: &Path) -> Result<(), Ch
         reason,
     };
     let bytes = to_bytes(varmap, batches_trained).map_err(|e| write_error(e.to_string()))?;
-    crate::util::fsio::write_atomic(path, &bytes).map_err(|e| write_error(e.to_string()))
+    Ok(crate::util::fsio::write_atomic(path, &bytes)?)
 }
 
 /// Loads a checkpoint into the variables of `varmap`: every variable must be in

@@ -206,12 +206,11 @@ impl RunRecord {
                     None => Status::Failed,
                 };
                 summary.error = Some(error.to_string());
-                tracing::warn!(
-                    epochs_completed = summary.epochs_completed,
-                    error = %error,
-                    "run {}",
-                    summary.status
-                );
+                let epochs_completed = summary.epochs_completed;
+                match summary.status {
+                    Status::Interrupted => tracing::warn!(epochs_completed, "run interrupted"),
+                    _ => tracing::error!(error = %error, "run failed"),
+                }
             }
         }
         for recorder in &mut self.recorders {

@@ -43,7 +43,7 @@ impl OptimizerConfig {
         {
             return invalid("optimizer.lr", format!("expected a number > 0, got {lr}"));
         }
-        in_range("optimizer.momentum", self.momentum, 0.0, 1.0, true)?;
+        in_range("optimizer.momentum", self.momentum, 0.0, 1.0)?;
         if self.nesterov && self.momentum == 0.0 {
             return invalid(
                 "optimizer.nesterov",
@@ -56,8 +56,8 @@ impl OptimizerConfig {
                 format!("expected a number >= 0, got {}", self.weight_decay),
             );
         }
-        in_range("optimizer.beta1", self.beta1, 0.0, 1.0, true)?;
-        in_range("optimizer.beta2", self.beta2, 0.0, 1.0, true)?;
+        in_range("optimizer.beta1", self.beta1, 0.0, 1.0)?;
+        in_range("optimizer.beta2", self.beta2, 0.0, 1.0)?;
         if self.eps.is_nan() || self.eps <= 0.0 {
             return invalid(
                 "optimizer.eps",

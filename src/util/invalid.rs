@@ -17,26 +17,13 @@ pub fn invalid(key: &str, message: impl Into<String>) -> Result<(), InvalidField
     })
 }
 
-/// Checks that `value` lies in `[low, high)` (`high_open`) or `[low, high]`.
-pub fn in_range(
-    key: &str,
-    value: f64,
-    low: f64,
-    high: f64,
-    high_open: bool,
-) -> Result<(), InvalidField> {
-    let inside = value >= low
-        && if high_open {
-            value < high
-        } else {
-            value <= high
-        };
-    if inside {
+/// Checks that `value` lies in `[low, high)`.
+pub fn in_range(key: &str, value: f64, low: f64, high: f64) -> Result<(), InvalidField> {
+    if value >= low && value < high {
         return Ok(());
     }
-    let bracket = if high_open { ")" } else { "]" };
     invalid(
         key,
-        format!("expected a number in [{low}, {high}{bracket}, got {value}"),
+        format!("expected a number in [{low}, {high}), got {value}"),
     )
 }
