@@ -11,11 +11,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::analyze::{AnalyzeError, Result};
 use crate::config::Config;
 use crate::data::Datasets;
 use crate::model::ModelKind;
 use crate::train::{self, Trainer};
 use crate::util::device::DeviceSpec;
+use crate::util::fsio::{FileError, write_atomic};
 
 /// The benchmarked models: the three of the PyTorch reference.
 pub const PRESETS: [&str; 3] = ["lenet5", "lenet5_reg", "custom_mlp"];
@@ -28,7 +30,7 @@ const BATCH_POOL: usize = 100;
 
 /// The reference's training set-up for a preset: SGD, lr 0.01, momentum 0.9, and
 /// for `lenet5_reg` BatchNorm with weight decay 5e-4.
-pub fn preset_config(preset: &str, batch_size: usize) -> Result<Config, String> {
+pub fn preset_config(preset: &str, batch_size: usize) -> Result<Config> {
     let mut config = Config::default();
     match preset {
         "lenet5" => {}
@@ -38,9 +40,9 @@ pub fn preset_config(preset: &str, batch_size: usize) -> Result<Config, String> 
         }
         "custom_mlp" => config.model.kind = ModelKind::CustomMlp,
         other => {
-            return Err(format!(
+            return Err(AnalyzeError::Usage(format!(
                 "unknown model {other:?}: expected one of {PRESETS:?}"
-            ));
+            )));
         }
     }
     config.name = preset.to_string();
@@ -66,8 +68,8 @@ pub fn measure(
     steps: usize,
     data: &Datasets,
     device: &Device,
-) -> anyhow::Result<Throughput> {
-    let config = preset_config(preset, batch_size).map_err(anyhow::Error::msg)?;
+) -> Result<Throughput> {
+    let config = preset_config(preset, batch_size)?;
     let mut trainer = Trainer::new(&config.train_setup(), data.side, device)?;
     // A bounded pool of batches, cycled: memory stays flat however many steps.
     let batches = random_batches(data, batch_size, BATCH_POOL, device)?;
@@ -144,33 +146,36 @@ pub fn one_epoch_run(
     preset: &str,
     data_dir: Option<&std::path::Path>,
     device: DeviceSpec,
-) -> anyhow::Result<EpochRun> {
-    let mut config = preset_config(preset, 64).map_err(anyhow::Error::msg)?;
+) -> Result<EpochRun> {
+    let mut config = preset_config(preset, 64)?;
     config.train.epochs = 1;
     config.device.kind = device;
     config.data.dir = data_dir.map(|d| d.to_path_buf());
-    let scratch = tempfile::tempdir()?;
+    let failed = |reason: String| AnalyzeError::EpochRun {
+        preset: preset.to_string(),
+        reason,
+    };
+    let scratch = tempfile::tempdir().map_err(|e| failed(format!("no scratch folder: {e}")))?;
     let config_path = scratch.path().join(format!("{preset}.toml"));
-    std::fs::write(&config_path, config.to_toml())?;
+    write_atomic(&config_path, config.to_toml().as_bytes())?;
     let output = std::process::Command::new(exe)
         .arg("run")
         .arg(&config_path)
         .arg("--runs-dir")
         .arg(scratch.path().join("runs"))
         .env("RUST_LOG", "warn")
-        .output()?;
+        .output()
+        .map_err(|e| failed(format!("cannot start {}: {e}", exe.display())))?;
     if !output.status.success() {
-        anyhow::bail!(
-            "one-epoch run of {preset} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        return Err(failed(String::from_utf8_lossy(&output.stderr).into_owned()));
     }
-    let run_dir = std::fs::read_dir(scratch.path().join("runs"))?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("the one-epoch run of {preset} left no run directory"))??
-        .path();
-    let summary = crate::run::rundir::read_summary(&run_dir.join(crate::run::rundir::SUMMARY_FILE))
-        .map_err(anyhow::Error::msg)?;
+    let runs_dir = scratch.path().join("runs");
+    let run_dir = std::fs::read_dir(&runs_dir)
+        .map_err(FileError::on("read", &runs_dir))?
+        .find_map(|entry| entry.ok().map(|e| e.path()))
+        .ok_or_else(|| failed("it left no run directory".into()))?;
+    let summary =
+        crate::run::rundir::read_summary(&run_dir.join(crate::run::rundir::SUMMARY_FILE))?;
     Ok(EpochRun {
         model: preset.to_string(),
         wall_secs: summary.wall_secs,
@@ -190,7 +195,7 @@ pub struct BenchPlan<'a> {
 }
 
 /// Loads MNIST once onto the device, then measures every model at every batch size.
-pub fn run(plan: &BenchPlan) -> anyhow::Result<Report> {
+pub fn run(plan: &BenchPlan) -> Result<Report> {
     let BenchPlan {
         models,
         batch_sizes,
@@ -200,10 +205,12 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<Report> {
         epoch_runs_with,
     } = *plan;
     for model in models {
-        preset_config(model, 1).map_err(anyhow::Error::msg)?;
+        preset_config(model, 1)?;
     }
     if let Some(&zero) = batch_sizes.iter().find(|&&b| b == 0) {
-        anyhow::bail!("--batch-size {zero}: expected at least 1");
+        return Err(AnalyzeError::Usage(format!(
+            "--batch-size {zero}: expected at least 1"
+        )));
     }
     let device = crate::util::device::select(device_spec)?;
     let data_config = crate::data::DataConfig {
@@ -273,11 +280,12 @@ impl Report {
         out
     }
 
-    pub fn write_json(&self, path: &std::path::Path) -> anyhow::Result<()> {
+    pub fn write_json(&self, path: &std::path::Path) -> Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(FileError::on("create", dir))?;
         }
-        crate::util::fsio::write_atomic(path, &serde_json::to_vec_pretty(self)?)?;
+        let json = serde_json::to_vec_pretty(self).expect("a bench report serialises");
+        write_atomic(path, &json)?;
         Ok(())
     }
 }

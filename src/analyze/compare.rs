@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::SeriesLabelPosition;
 
+use crate::analyze::Result;
 use crate::analyze::inspect::{RUN_COLUMNS, RunInfo};
 use crate::run::metrics::{EpochMetrics, mean_epoch_secs};
-use crate::util::fsio::write_atomic;
+use crate::util::fsio::{FileError, write_atomic};
 use crate::util::plots::{self, Chart, PALETTE, Series};
 use crate::util::table::{Table, percent};
 
@@ -24,7 +25,7 @@ pub struct Curves {
 
 /// Reads each run's metrics; labels are run names where those are unique among
 /// `runs`, else directory names.
-pub fn load(runs: Vec<RunInfo>) -> anyhow::Result<Vec<Curves>> {
+pub fn load(runs: Vec<RunInfo>) -> Result<Vec<Curves>> {
     let names: HashSet<&str> = runs.iter().map(|r| r.summary.name.as_str()).collect();
     let unique_names = names.len() == runs.len();
     runs.into_iter()
@@ -67,12 +68,14 @@ pub fn validation_charts(curves: &[Curves]) -> [Chart; 2] {
             y_label: "accuracy (%)".into(),
             series: series(|m| 100.0 * m.val_acc),
             legend: SeriesLabelPosition::LowerRight,
+            marker: None,
         },
         Chart {
             title: "Validation loss".into(),
             y_label: "cross-entropy loss".into(),
             series: series(|m| m.val_loss),
             legend: SeriesLabelPosition::UpperRight,
+            marker: None,
         },
     ]
 }
@@ -109,11 +112,10 @@ pub fn table(curves: &[Curves]) -> Table {
 }
 
 /// Writes `compare.png` and `compare.md` into `output_dir`; returns the markdown.
-pub fn write(curves: &[Curves], output_dir: &Path) -> anyhow::Result<(PathBuf, String)> {
-    std::fs::create_dir_all(output_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", output_dir.display()))?;
+pub fn write(curves: &[Curves], output_dir: &Path) -> Result<(PathBuf, String)> {
+    std::fs::create_dir_all(output_dir).map_err(FileError::on("create", output_dir))?;
     let figure = output_dir.join(FIGURE_FILE);
-    plots::write_png(&figure, &validation_charts(curves)).map_err(anyhow::Error::msg)?;
+    plots::write_png(&figure, &validation_charts(curves))?;
     let markdown = format!(
         "![validation curves]({FIGURE_FILE})\n\n{}",
         table(curves).to_markdown()

@@ -9,12 +9,13 @@ use candle_nn::VarMap;
 use serde::Serialize;
 
 use crate::analyze::inspect::RunInfo;
+use crate::analyze::{AnalyzeError, Result};
 use crate::config::{Config, Override};
 use crate::data::{self, MNIST_SIDE, NUM_CLASSES, Split};
 use crate::model::{self, Classifier};
 use crate::model::{checkpoint, kernels};
 use crate::run::rundir;
-use crate::util::fsio::write_atomic;
+use crate::util::fsio::{FileError, write_atomic};
 use crate::util::{device, plots};
 
 pub const CONFUSION_FILE: &str = "confusion.csv";
@@ -36,17 +37,15 @@ pub struct TrainedModel {
 impl TrainedModel {
     /// Loads `run_dir`'s config (with `overrides`, e.g. `data.dir`) and its
     /// `checkpoint` file (`model.safetensors` or `last.safetensors`).
-    pub fn load(run_dir: &Path, checkpoint: &str, overrides: &[Override]) -> anyhow::Result<Self> {
+    pub fn load(run_dir: &Path, checkpoint: &str, overrides: &[Override]) -> Result<Self> {
         let run = RunInfo::read(run_dir)?;
-        let checkpoint = run_dir.join(checkpoint);
+        let checkpoint_file = checkpoint;
+        let checkpoint = run_dir.join(checkpoint_file);
         if !checkpoint.is_file() {
-            anyhow::bail!(
-                "run {} has no checkpoint {} (a run writes it after its first epoch)",
-                run_dir.display(),
-                checkpoint
-                    .file_name()
-                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-            );
+            return Err(AnalyzeError::NoCheckpoint {
+                run: run_dir.to_path_buf(),
+                file: checkpoint_file.to_string(),
+            });
         }
         let config = Config::load(&run_dir.join(rundir::CONFIG_FILE), overrides)?;
         let device = device::select(config.device.kind)?;
@@ -70,7 +69,7 @@ impl TrainedModel {
 
     /// Log-probabilities of the ten classes for each 28x28 image of `split`,
     /// prepared (padded, normalised) as the run's training data was.
-    pub fn log_probabilities(&self, split: &Split) -> anyhow::Result<Vec<[f32; NUM_CLASSES]>> {
+    pub fn log_probabilities(&self, split: &Split) -> Result<Vec<[f32; NUM_CLASSES]>> {
         let all: Vec<usize> = (0..split.len()).collect();
         let prepared = data::prepare::tensors(split, &all, &self.config.data, &self.device)?;
         let batch = self.config.train.eval_batch_size;
@@ -171,7 +170,7 @@ pub fn score(log_probs: &[[f32; NUM_CLASSES]], labels: &[u8]) -> Scores {
 
 /// Evaluates a loaded model on the run's test set (`data.test_size` applies, as in
 /// training) and returns the figures with the raw test images.
-pub fn evaluate(model: &TrainedModel) -> anyhow::Result<(Evaluation, Split)> {
+pub fn evaluate(model: &TrainedModel) -> Result<(Evaluation, Split)> {
     let dir = data::locate_or_download(model.config.data.dir.as_deref())?;
     let mnist = data::Mnist::read(&dir)?;
     let test = mnist
@@ -221,11 +220,7 @@ pub fn confusion_csv(confusion: &Confusion) -> String {
 
 /// Writes `confusion.csv`, `eval.json`, `plots/confusion.png` and
 /// `plots/errors.png` into the run directory; returns the paths written.
-pub fn write_files(
-    evaluation: &Evaluation,
-    test: &Split,
-    name: &str,
-) -> anyhow::Result<Vec<PathBuf>> {
+pub fn write_files(evaluation: &Evaluation, test: &Split, name: &str) -> Result<Vec<PathBuf>> {
     let dir = &evaluation.run_dir;
     let confusion_path = dir.join(CONFUSION_FILE);
     write_atomic(
@@ -233,9 +228,10 @@ pub fn write_files(
         confusion_csv(&evaluation.confusion).as_bytes(),
     )?;
     let eval_path = dir.join(EVAL_FILE);
-    write_atomic(&eval_path, &serde_json::to_vec_pretty(evaluation)?)?;
+    let json = serde_json::to_vec_pretty(evaluation).expect("an evaluation serialises");
+    write_atomic(&eval_path, &json)?;
     let plots_dir = dir.join(rundir::PLOTS_DIR);
-    std::fs::create_dir_all(&plots_dir)?;
+    std::fs::create_dir_all(&plots_dir).map_err(FileError::on("create", &plots_dir))?;
     let confusion_plot = plots_dir.join(CONFUSION_PLOT);
     write_confusion_plot(evaluation, name, &confusion_plot)?;
     let errors_plot = plots_dir.join(ERRORS_PLOT);
@@ -243,16 +239,12 @@ pub fn write_files(
     Ok(vec![confusion_path, eval_path, confusion_plot, errors_plot])
 }
 
-pub fn write_confusion_plot(
-    evaluation: &Evaluation,
-    name: &str,
-    path: &Path,
-) -> anyhow::Result<()> {
+pub fn write_confusion_plot(evaluation: &Evaluation, name: &str, path: &Path) -> Result<()> {
     let title = format!(
         "{name}: confusion matrix, test accuracy {:.2}%",
         100.0 * evaluation.accuracy
     );
-    plots::write_confusion(path, &title, &evaluation.confusion).map_err(anyhow::Error::msg)
+    Ok(plots::write_confusion(path, &title, &evaluation.confusion)?)
 }
 
 pub fn write_errors_plot(
@@ -260,7 +252,7 @@ pub fn write_errors_plot(
     test: &Split,
     name: &str,
     path: &Path,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let pixels = MNIST_SIDE * MNIST_SIDE;
     let tiles: Vec<plots::Tile> = evaluation
         .mistakes
@@ -281,7 +273,7 @@ pub fn write_errors_plot(
         tiles.len(),
         evaluation.mistakes.len()
     );
-    plots::write_image_grid(path, &title, &tiles, 6).map_err(anyhow::Error::msg)
+    Ok(plots::write_image_grid(path, &title, &tiles, 6)?)
 }
 
 #[cfg(test)]

@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::analyze::{AnalyzeError, Result};
 use crate::config::Config;
 use crate::run::metrics::{self, EpochMetrics};
 use crate::run::rundir::{self, Summary};
+use crate::util::fsio::FileError;
 use crate::util::table::{Table, percent, thousands};
 
 /// A run directory as read back: its summary, and its config where it parses.
@@ -20,17 +22,13 @@ pub struct RunInfo {
 
 impl RunInfo {
     /// Reads `dir`, which must hold a `summary.json`.
-    pub fn read(dir: &Path) -> anyhow::Result<RunInfo> {
+    pub fn read(dir: &Path) -> Result<RunInfo> {
         if !dir.is_dir() {
-            anyhow::bail!("no such run directory: {}", dir.display());
+            return Err(AnalyzeError::NoRun(dir.to_path_buf()));
         }
         let summary_path = dir.join(rundir::SUMMARY_FILE);
         if !summary_path.is_file() {
-            anyhow::bail!(
-                "{} is not a run directory (it has no {})",
-                dir.display(),
-                rundir::SUMMARY_FILE
-            );
+            return Err(AnalyzeError::NotARun(dir.to_path_buf()));
         }
         let summary = rundir::read_summary(&summary_path)?;
         let config = Config::load(&dir.join(rundir::CONFIG_FILE), &[]).ok();
@@ -49,7 +47,7 @@ impl RunInfo {
         )
     }
 
-    pub fn metrics(&self) -> anyhow::Result<Vec<EpochMetrics>> {
+    pub fn metrics(&self) -> Result<Vec<EpochMetrics>> {
         Ok(metrics::read_metrics(&self.dir.join(rundir::METRICS_FILE))?)
     }
 
@@ -92,12 +90,12 @@ pub fn regularisation(config: &Config) -> String {
 /// Every run directory directly under `runs_dir` (or `runs_dir` itself, if it is
 /// one), oldest first, and a warning for each folder that looks like a run but
 /// cannot be read.
-pub fn scan(runs_dir: &Path) -> anyhow::Result<(Vec<RunInfo>, Vec<String>)> {
+pub fn scan(runs_dir: &Path) -> Result<(Vec<RunInfo>, Vec<String>)> {
     if runs_dir.join(rundir::SUMMARY_FILE).is_file() {
         return Ok((vec![RunInfo::read(runs_dir)?], Vec::new()));
     }
-    let entries = std::fs::read_dir(runs_dir)
-        .map_err(|e| anyhow::anyhow!("cannot read runs directory {}: {e}", runs_dir.display()))?;
+    let entries =
+        std::fs::read_dir(runs_dir).map_err(FileError::on("read runs directory", runs_dir))?;
     let mut dirs: Vec<PathBuf> = entries
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.join(rundir::SUMMARY_FILE).is_file())

@@ -14,6 +14,7 @@ use image::{GrayImage, Luma, imageops};
 use serde::Serialize;
 
 use crate::analyze::evaluate::TrainedModel;
+use crate::analyze::{AnalyzeError, Result};
 use crate::data::{MNIST_SIDE, Split};
 
 /// MNIST fits each digit's longer side to this many pixels.
@@ -34,7 +35,7 @@ pub struct Prediction {
 }
 
 /// Classifies each image; an unreadable image is an error naming it.
-pub fn predict(model: &TrainedModel, images: &[PathBuf]) -> anyhow::Result<Vec<Prediction>> {
+pub fn predict(model: &TrainedModel, images: &[PathBuf]) -> Result<Vec<Prediction>> {
     let mut split = Split {
         images: Vec::with_capacity(images.len() * MNIST_SIDE * MNIST_SIDE),
         labels: vec![0; images.len()],
@@ -69,16 +70,17 @@ pub fn top_classes(log_probs: &[f32], k: usize) -> Vec<ClassProbability> {
 }
 
 /// Reads an image file and returns 28x28 MNIST-style pixels (ink bright on 0).
-pub fn load_as_mnist(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let decoded = image::open(path)
-        .map_err(|e| anyhow::anyhow!("cannot read image {}: {e}", path.display()))?;
+pub fn load_as_mnist(path: &Path) -> Result<Vec<u8>> {
+    let decoded = image::open(path).map_err(|e| AnalyzeError::Image {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let ink = ink_of(&decoded.to_rgba8());
     let side = MNIST_SIDE as u32;
     if ink.dimensions() == (side, side) {
         return Ok(ink.into_raw());
     }
-    to_mnist_frame(&ink)
-        .ok_or_else(|| anyhow::anyhow!("no digit found in {}: the image is blank", path.display()))
+    to_mnist_frame(&ink).ok_or_else(|| AnalyzeError::BlankImage(path.to_path_buf()))
 }
 
 /// Ink intensity per pixel (0 = paper), alpha composited over white and the

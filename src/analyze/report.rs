@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use crate::analyze::compare::{self, Curves};
 use crate::analyze::evaluate::{self, TrainedModel};
 use crate::analyze::inspect::{self, RunInfo};
+use crate::analyze::{AnalyzeError, Result};
 use crate::config::{self, Config};
 use crate::run::metrics::mean_epoch_secs;
 use crate::run::rundir::{self, Status};
-use crate::util::fsio::write_atomic;
+use crate::util::fsio::{FileError, write_atomic};
 use crate::util::plots;
 use crate::util::table::{Table, percent, thousands};
 
@@ -38,14 +39,13 @@ pub struct ReportOptions {
 
 /// Regenerates the images and the README section between the markers; returns
 /// the section's markdown.
-pub fn generate(options: &ReportOptions) -> anyhow::Result<String> {
-    let readme_text = std::fs::read_to_string(&options.readme)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", options.readme.display()))?;
+pub fn generate(options: &ReportOptions) -> Result<String> {
+    let readme_text =
+        std::fs::read_to_string(&options.readme).map_err(FileError::on("read", &options.readme))?;
     let curves = latest_runs(&options.configs_dir, &options.runs_dir)?;
     let root = options.readme.parent().unwrap_or(Path::new("."));
     let assets_dir = root.join(&options.assets);
-    std::fs::create_dir_all(&assets_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", assets_dir.display()))?;
+    std::fs::create_dir_all(&assets_dir).map_err(FileError::on("create", &assets_dir))?;
     let asset = |file: &str| (assets_dir.join(file), link(&options.assets, file));
 
     let mut markdown = String::new();
@@ -54,22 +54,25 @@ pub fn generate(options: &ReportOptions) -> anyhow::Result<String> {
     markdown += "\n";
 
     let (path, href) = asset("validation.png");
-    plots::write_png(&path, &compare::validation_charts(&curves)).map_err(anyhow::Error::msg)?;
+    plots::write_png(&path, &compare::validation_charts(&curves))?;
     markdown += &format!("Validation curves of every config:\n\n![validation curves]({href})\n\n");
     markdown += "Training against validation, per config (loss left, accuracy right):\n\n";
     for c in &curves {
         let file = format!("{}.png", c.run.summary.name);
         let (path, href) = asset(&file);
         let (loss, accuracy) = crate::run::plots::run_charts(&c.run.summary.name, &c.metrics);
-        plots::write_png(&path, &[loss, accuracy]).map_err(anyhow::Error::msg)?;
+        plots::write_png(&path, &[loss, accuracy])?;
         markdown += &format!("![{} curves]({href})\n", c.run.summary.name);
     }
     markdown += "\n";
     markdown += &best_model_section(&curves, &asset)?;
     markdown += &discussion(&curves);
 
-    let updated = replace_section(&readme_text, &markdown)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", options.readme.display()))?;
+    let updated =
+        replace_section(&readme_text, &markdown).map_err(|reason| AnalyzeError::Readme {
+            path: options.readme.clone(),
+            reason,
+        })?;
     write_atomic(&options.readme, updated.as_bytes())?;
     Ok(markdown)
 }
@@ -81,7 +84,7 @@ fn link(assets: &Path, file: &str) -> String {
 }
 
 /// The latest completed run of each config in `configs_dir`, in report order.
-fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> anyhow::Result<Vec<Curves>> {
+fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> Result<Vec<Curves>> {
     let files = config::config_files(configs_dir)?;
     let (runs, _) = inspect::scan(runs_dir)?;
     let mut chosen: Vec<RunInfo> = Vec::new();
@@ -108,11 +111,13 @@ fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> anyhow::Result<Vec<Curves
         }
     }
     if !missing.is_empty() {
-        anyhow::bail!(
-            "no completed run of {} (with exactly those settings) in {}: run `just sweep` (or `mnist-lab run` on each) first",
-            missing.join(", "),
-            runs_dir.display()
-        );
+        return Err(AnalyzeError::NotRun {
+            configs: missing.join(", "),
+            runs_dir: runs_dir.to_path_buf(),
+        });
+    }
+    if chosen.is_empty() {
+        return Err(AnalyzeError::NothingToReport(configs_dir.to_path_buf()));
     }
     let rank = |name: &str| ORDER.iter().position(|&o| o == name).unwrap_or(ORDER.len());
     chosen.sort_by(|a, b| {
@@ -195,7 +200,7 @@ fn results_table(curves: &[Curves]) -> Table {
 fn best_model_section(
     curves: &[Curves],
     asset: &dyn Fn(&str) -> (PathBuf, String),
-) -> anyhow::Result<String> {
+) -> Result<String> {
     let best = curves
         .iter()
         .max_by(|a, b| {

@@ -59,7 +59,7 @@ impl CompareArgs {
             .runs
             .iter()
             .map(|dir| inspect::RunInfo::read(dir))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let curves = compare::load(runs)?;
         let output = match self.output {
             Some(dir) => dir,
@@ -100,7 +100,7 @@ impl CheckpointArgs {
             Checkpoint::Best => rundir::BEST_CHECKPOINT,
             Checkpoint::Last => rundir::LAST_CHECKPOINT,
         };
-        TrainedModel::load(&self.run_dir, file, &self.set)
+        Ok(TrainedModel::load(&self.run_dir, file, &self.set)?)
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::analyze::AnalyzeError;
 use crate::config::{Config, ConfigError, Override};
 use crate::util::interrupt;
 
@@ -61,9 +62,13 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     if let Some(signal) = interrupt::stop_requested() {
         return signal.exit_code();
     }
-    let usage = error
-        .chain()
-        .any(|cause| cause.is::<ConfigError>() || cause.is::<UsageError>());
+    let usage = error.chain().any(|cause| {
+        cause.is::<ConfigError>()
+            || cause.is::<UsageError>()
+            || cause
+                .downcast_ref::<AnalyzeError>()
+                .is_some_and(AnalyzeError::is_usage)
+    });
     if usage { 2 } else { 1 }
 }
 

@@ -7,6 +7,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
+use super::layers::BatchNorm;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("cannot read checkpoint {path}: {reason}")]
@@ -29,7 +31,8 @@ pub fn to_bytes(varmap: &VarMap, batches_trained: u64) -> candle_core::Result<Ve
             name.clone(),
             var.as_detached_tensor().to_device(&Device::Cpu)?,
         );
-        if let Some(layer) = name.strip_suffix(".running_mean") {
+        let counted = format!(".{}", BatchNorm::COUNTED_BUFFER);
+        if let Some(layer) = name.strip_suffix(counted.as_str()) {
             let counter = Tensor::new(batches_trained as i64, &Device::Cpu)?;
             tensors.insert(format!("{layer}.num_batches_tracked"), counter);
         }

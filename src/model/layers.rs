@@ -116,9 +116,16 @@ const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 impl BatchNorm {
+    /// The tensors this layer keeps as buffers: statistics the forward pass
+    /// updates, which the optimiser must leave alone.
+    pub const BUFFERS: [&str; 2] = ["running_mean", "running_var"];
+    /// The buffer beside which PyTorch keeps its `num_batches_tracked` counter.
+    pub const COUNTED_BUFFER: &str = "running_mean";
+
     fn new(features: usize, vb: VarBuilder) -> Result<BatchNorm> {
-        let running_mean = vb.get_with_hints(features, "running_mean", Init::Const(0.0))?;
-        let running_var = vb.get_with_hints(features, "running_var", Init::Const(1.0))?;
+        let [mean_name, var_name] = Self::BUFFERS;
+        let running_mean = vb.get_with_hints(features, mean_name, Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(features, var_name, Init::Const(1.0))?;
         let weight = vb.get_with_hints(features, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(features, "bias", Init::Const(0.0))?;
         let fallback = candle_nn::BatchNorm::new(

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::util::invalid::{InvalidField, invalid};
-use layers::Dropout;
+use layers::{BatchNorm, Dropout};
 
 pub use lenet5::LeNet5;
 pub use mlp::{CustomMlp, MLP_HIDDEN, MLP_HIDDEN_LAYERS};
@@ -145,9 +145,11 @@ pub fn build(
     Ok(model)
 }
 
-/// True for the tensors an optimiser updates (not BatchNorm's running statistics).
+/// True for the tensors an optimiser updates: every tensor but the buffers a
+/// layer declares (BatchNorm's running statistics).
 pub fn is_trainable(name: &str) -> bool {
-    !name.ends_with(".running_mean") && !name.ends_with(".running_var")
+    let leaf = name.rsplit_once('.').map_or(name, |(_, leaf)| leaf);
+    !BatchNorm::BUFFERS.contains(&leaf)
 }
 
 /// Number of trainable parameters in `varmap`.
@@ -161,7 +163,8 @@ pub fn parameter_count(varmap: &VarMap) -> usize {
 
 /// PyTorch's default initialisation for `Conv2d` and `Linear`: weights and biases
 /// uniform in +-1/sqrt(fan_in), drawn from a seeded generator in name order.
-/// BatchNorm keeps weight 1, bias 0, running mean 0 and variance 1.
+/// A layer has a fan-in when its weight has rank 2 or more (convolutions and
+/// linear layers); the others (BatchNorm) keep the values they were created with.
 fn init_like_pytorch(varmap: &VarMap, seed: u64) -> Result<()> {
     let vars = varmap.data().lock().expect("varmap lock");
     let mut names: Vec<&String> = vars.keys().collect();
@@ -174,10 +177,12 @@ fn init_like_pytorch(varmap: &VarMap, seed: u64) -> Result<()> {
         else {
             continue;
         };
-        if layer.starts_with("bn") {
+        let Some(weight) = vars.get(&format!("{layer}.weight")) else {
+            continue;
+        };
+        if weight.rank() < 2 {
             continue;
         }
-        let weight = &vars[&format!("{layer}.weight")];
         let fan_in: usize = weight.dims()[1..].iter().product();
         let bound = 1.0 / (fan_in as f32).sqrt();
         let var = &vars[name];

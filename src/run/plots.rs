@@ -6,8 +6,16 @@ use crate::run::metrics::EpochMetrics;
 use crate::run::rundir::RunDir;
 use crate::util::plots::{Chart, PALETTE, PlotError, Series, write_png};
 
-/// The loss and accuracy charts of one run: train against validation per epoch.
+/// The loss and accuracy charts of one run: train against validation per epoch,
+/// with the best validation epoch (the one `model.safetensors` holds) marked.
 pub fn run_charts(name: &str, metrics: &[EpochMetrics]) -> (Chart, Chart) {
+    let best = metrics
+        .iter()
+        .fold(None::<&EpochMetrics>, |best, m| match best {
+            Some(b) if b.val_acc >= m.val_acc => Some(b),
+            _ => Some(m),
+        })
+        .map(|m| (m.epoch as f64, format!("best: epoch {}", m.epoch)));
     let line = |label: &str, color, value: fn(&EpochMetrics) -> f64| Series {
         label: label.to_string(),
         color,
@@ -21,6 +29,7 @@ pub fn run_charts(name: &str, metrics: &[EpochMetrics]) -> (Chart, Chart) {
             line("validation", PALETTE[1], |m| m.val_loss),
         ],
         legend: SeriesLabelPosition::UpperRight,
+        marker: best.clone(),
     };
     let accuracy = Chart {
         title: format!("{name}: accuracy"),
@@ -30,6 +39,7 @@ pub fn run_charts(name: &str, metrics: &[EpochMetrics]) -> (Chart, Chart) {
             line("validation", PALETTE[1], |m| 100.0 * m.val_acc),
         ],
         legend: SeriesLabelPosition::LowerRight,
+        marker: best,
     };
     (loss, accuracy)
 }

@@ -2,6 +2,7 @@
 //! Rendered in memory with an embedded font (no system fonts needed), then
 //! written atomically.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Once;
 
@@ -52,6 +53,8 @@ pub struct Chart {
     pub series: Vec<Series>,
     /// Where the legend goes: the corner the curves leave empty.
     pub legend: SeriesLabelPosition,
+    /// An epoch to mark with a dashed vertical line (the best one), and its label.
+    pub marker: Option<(f64, String)>,
 }
 
 fn register_font() {
@@ -64,11 +67,9 @@ fn register_font() {
     });
 }
 
-/// Draws `chart` into `area`.
-fn draw<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, chart: &Chart) -> Result<(), String>
-where
-    DB::ErrorType: 'static,
-{
+/// The x and y ranges that hold every finite point of `chart`, with some room
+/// above and below; quantities that cannot be negative keep the axis at 0 or above.
+fn axis_ranges(chart: &Chart) -> (Range<f64>, Range<f64>) {
     let points = chart.series.iter().flat_map(|s| s.points.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in points.filter(|(_, y)| y.is_finite()) {
@@ -80,13 +81,29 @@ where
         (y_min, y_max) = (0.0, 1.0);
     }
     let pad = ((y_max - y_min) * 0.08).max(1e-3);
+    let y_low = if y_min >= 0.0 {
+        (y_min - pad).max(0.0)
+    } else {
+        y_min - pad
+    };
     let x_range = if x_max <= 1.0 { 0.5..1.5 } else { 1.0..x_max };
+    (x_range, y_low..y_max + pad)
+}
+
+/// Draws `chart` into `area`: axes, one line with dots per series, the marker
+/// and the legend.
+fn draw<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, chart: &Chart) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let (x_range, y_range) = axis_ranges(chart);
+    let epochs = x_range.end as usize;
     let mut builder = ChartBuilder::on(area)
         .caption(&chart.title, (FONT, 26).into_font().style(FontStyle::Bold))
         .margin(18)
         .x_label_area_size(50)
         .y_label_area_size(75)
-        .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad))
+        .build_cartesian_2d(x_range, y_range.clone())
         .map_err(|e| e.to_string())?;
     builder
         .configure_mesh()
@@ -95,7 +112,7 @@ where
         .label_style((FONT, 16))
         .axis_desc_style((FONT, 18))
         .light_line_style(RGBColor(235, 235, 235))
-        .x_labels((x_max as usize).clamp(2, 11))
+        .x_labels(epochs.clamp(2, 11))
         // Epochs are whole numbers: label only those ticks.
         .x_label_formatter(&|x| {
             if x.fract().abs() < 1e-6 {
@@ -106,26 +123,21 @@ where
         })
         .draw()
         .map_err(|e| e.to_string())?;
-    for series in &chart.series {
-        let color = series.color;
+    if let Some((x, label)) = &chart.marker {
+        let dashes = DashedLineSeries::new(
+            [(*x, y_range.start), (*x, y_range.end)],
+            6,
+            4,
+            BLACK.mix(0.5).stroke_width(2),
+        );
         builder
-            .draw_series(LineSeries::new(
-                series.points.clone(),
-                color.stroke_width(3),
-            ))
+            .draw_series(dashes)
             .map_err(|e| e.to_string())?
-            .label(&series.label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
-        builder
-            .draw_series(
-                series
-                    .points
-                    .iter()
-                    .map(|&p| Circle::new(p, 4, color.filled())),
-            )
-            .map_err(|e| e.to_string())?;
+            .label(label)
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], BLACK.mix(0.5)));
+    }
+    for series in &chart.series {
+        draw_series(&mut builder, series)?;
     }
     builder
         .configure_series_labels()
@@ -135,6 +147,37 @@ where
         .border_style(BLACK.mix(0.4))
         .draw()
         .map_err(|e| e.to_string())
+}
+
+type Cartesian<'a, DB> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// One series as a line with a dot on each point, entered in the legend.
+fn draw_series<DB: DrawingBackend>(
+    builder: &mut Cartesian<DB>,
+    series: &Series,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let color = series.color;
+    builder
+        .draw_series(LineSeries::new(
+            series.points.clone(),
+            color.stroke_width(3),
+        ))
+        .map_err(|e| e.to_string())?
+        .label(&series.label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
+    let dots = series
+        .points
+        .iter()
+        .map(|&p| Circle::new(p, 4, color.filled()));
+    builder.draw_series(dots).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Renders charts side by side into one PNG and writes it atomically.
@@ -180,82 +223,117 @@ pub fn render_png(
     Ok(write_atomic(path, png.get_ref())?)
 }
 
+const CELL: i32 = 56;
+const MATRIX_LEFT: i32 = 110;
+const MATRIX_TOP: i32 = 110;
+
 /// A confusion matrix as a heat map: rows are true classes, columns predictions,
-/// shaded by the share of the row, each cell labelled with its count.
+/// each cell labelled with its count. Correct predictions are blue, shaded by the
+/// share of the row; mistakes are red, shaded against the most frequent mistake,
+/// so that a handful of confusions stands out beside thousands of hits.
 pub fn write_confusion(
     path: &Path,
     title: &str,
     counts: &[[usize; 10]; 10],
 ) -> Result<(), PlotError> {
-    const CELL: i32 = 56;
-    const LEFT: i32 = 110;
-    const TOP: i32 = 110;
-    let side = (LEFT + 10 * CELL + 40) as u32;
+    let side = (MATRIX_LEFT + 10 * CELL + 40) as u32;
+    let worst_mistake = (0..10)
+        .flat_map(|t| (0..10).filter(move |&p| p != t).map(move |p| counts[t][p]))
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
     render_png(path, (side, side + 10), |root| {
-        let text = |size: u32| (FONT, size).into_font().color(&BLACK);
-        let err = |e: DrawingAreaErrorKind<_>| e.to_string();
-        root.draw(&Text::new(
-            title.to_string(),
-            (20, 20),
-            (FONT, 22).into_font().style(FontStyle::Bold).color(&BLACK),
-        ))
-        .map_err(err)?;
-        root.draw(&Text::new(
-            "predicted",
-            (LEFT + 5 * CELL - 40, TOP - 55),
-            text(18),
-        ))
-        .map_err(err)?;
-        root.draw(&Text::new("true", (30, TOP + 5 * CELL - 10), text(18)))
-            .map_err(err)?;
-        for class in 0..10 {
-            let offset = class * CELL + CELL / 2 - 5;
-            root.draw(&Text::new(
-                class.to_string(),
-                (LEFT + offset, TOP - 28),
-                text(18),
-            ))
-            .map_err(err)?;
-            root.draw(&Text::new(
-                class.to_string(),
-                (LEFT - 28, TOP + offset - 4),
-                text(18),
-            ))
-            .map_err(err)?;
-        }
+        draw_confusion_axes(root, title)?;
         for (row, cells) in counts.iter().enumerate() {
             let total = cells.iter().sum::<usize>().max(1) as f64;
             for (col, &count) in cells.iter().enumerate() {
-                let share = count as f64 / total;
-                // White to dark blue; the diagonal dominates, so off-diagonal
-                // shares are shown on a square-root scale to stay visible.
-                let t = share.sqrt();
-                let shade = |white: f64, dark: f64| (white + (dark - white) * t) as u8;
-                let fill = RGBColor(shade(255.0, 8.0), shade(255.0, 48.0), shade(255.0, 107.0));
-                let (x, y) = (LEFT + col as i32 * CELL, TOP + row as i32 * CELL);
-                root.draw(&Rectangle::new(
-                    [(x, y), (x + CELL, y + CELL)],
-                    fill.filled(),
-                ))
-                .map_err(err)?;
-                root.draw(&Rectangle::new(
-                    [(x, y), (x + CELL, y + CELL)],
-                    RGBColor(220, 220, 220).stroke_width(1),
-                ))
-                .map_err(err)?;
-                let label = count.to_string();
-                let color = if t > 0.5 { WHITE } else { BLACK };
-                let dx = CELL / 2 - 5 * label.len() as i32;
-                root.draw(&Text::new(
-                    label,
-                    (x + dx, y + CELL / 2 - 8),
-                    (FONT, 15).into_font().color(&color),
-                ))
-                .map_err(err)?;
+                let (fill, dark) = if row == col {
+                    shade([8, 48, 107], (count as f64 / total).sqrt())
+                } else if count == 0 {
+                    (WHITE, false)
+                } else {
+                    // Even a single mistake gets a visible tint.
+                    shade([165, 15, 21], 0.2 + 0.8 * count as f64 / worst_mistake)
+                };
+                draw_cell(root, (row, col), count, fill, dark)?;
             }
         }
         Ok(())
     })
+}
+
+/// White blended towards `dark` by `t` in 0..=1, and whether text on it must be white.
+fn shade(dark: [u8; 3], t: f64) -> (RGBColor, bool) {
+    let mix = |channel: u8| (255.0 + (channel as f64 - 255.0) * t) as u8;
+    (RGBColor(mix(dark[0]), mix(dark[1]), mix(dark[2])), t > 0.5)
+}
+
+/// The title, the axis names and the class numbers along both axes.
+fn draw_confusion_axes(root: &Canvas, title: &str) -> Result<(), String> {
+    let text = |size: u32| (FONT, size).into_font().color(&BLACK);
+    let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+    let bold = (FONT, 22).into_font().style(FontStyle::Bold).color(&BLACK);
+    root.draw(&Text::new(title.to_string(), (20, 20), bold))
+        .map_err(err)?;
+    let predicted_at = (MATRIX_LEFT + 5 * CELL - 40, MATRIX_TOP - 55);
+    root.draw(&Text::new("predicted", predicted_at, text(18)))
+        .map_err(err)?;
+    root.draw(&Text::new(
+        "true",
+        (30, MATRIX_TOP + 5 * CELL - 10),
+        text(18),
+    ))
+    .map_err(err)?;
+    for class in 0..10 {
+        let offset = class * CELL + CELL / 2 - 5;
+        let label = class.to_string();
+        root.draw(&Text::new(
+            label.clone(),
+            (MATRIX_LEFT + offset, MATRIX_TOP - 28),
+            text(18),
+        ))
+        .map_err(err)?;
+        root.draw(&Text::new(
+            label,
+            (MATRIX_LEFT - 28, MATRIX_TOP + offset - 4),
+            text(18),
+        ))
+        .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// One cell of the matrix: its fill, a thin grid line and its count.
+fn draw_cell(
+    root: &Canvas,
+    (row, col): (usize, usize),
+    count: usize,
+    fill: RGBColor,
+    dark: bool,
+) -> Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+    let (x, y) = (
+        MATRIX_LEFT + col as i32 * CELL,
+        MATRIX_TOP + row as i32 * CELL,
+    );
+    let corners = [(x, y), (x + CELL, y + CELL)];
+    root.draw(&Rectangle::new(corners, fill.filled()))
+        .map_err(err)?;
+    root.draw(&Rectangle::new(
+        corners,
+        RGBColor(220, 220, 220).stroke_width(1),
+    ))
+    .map_err(err)?;
+    let label = count.to_string();
+    let color = if dark { WHITE } else { BLACK };
+    let dx = CELL / 2 - 5 * label.len() as i32;
+    root.draw(&Text::new(
+        label,
+        (x + dx, y + CELL / 2 - 8),
+        (FONT, 15).into_font().color(&color),
+    ))
+    .map_err(err)?;
+    Ok(())
 }
 
 /// One tile of [`write_image_grid`]: a 28x28 MNIST image (white ink on black)

@@ -221,6 +221,36 @@ pub(super) struct Activation {
     pub saved: Arc<Mutex<Saved>>,
 }
 
+impl Activation {
+    /// Each channel's `(scale, shift)` before tanh: from the batch's moments
+    /// (kept in `saved` for the backward pass) or the fixed affine map.
+    fn channel_affine(
+        &self,
+        z: &[f32],
+        dims: (usize, usize, usize),
+        (w, b): (&[f32], &[f32]),
+        saved: &mut Saved,
+    ) -> Vec<Params> {
+        let c = dims.1;
+        let affine: Vec<(f32, f32)> = match self.norm {
+            Norm::Batch { eps } => {
+                (saved.means, saved.vars) = channel_moments(z, dims);
+                (0..c)
+                    .map(|ch| {
+                        let scale = w[ch] / (saved.vars[ch] + eps).sqrt();
+                        (scale, b[ch] - saved.means[ch] * scale)
+                    })
+                    .collect()
+            }
+            Norm::Affine => w.iter().copied().zip(b.iter().copied()).collect(),
+        };
+        affine
+            .into_iter()
+            .map(|(scale, shift)| [scale, shift, 0.0, 0.0])
+            .collect()
+    }
+}
+
 impl CustomOp3 for Activation {
     fn name(&self) -> &'static str {
         "mnist-lab-activation"
@@ -250,22 +280,7 @@ impl CustomOp3 for Activation {
             );
         }
         let mut saved = Saved::default();
-        let affine: Vec<(f32, f32)> = match self.norm {
-            Norm::Batch { eps } => {
-                (saved.means, saved.vars) = channel_moments(z, dims);
-                (0..c)
-                    .map(|ch| {
-                        let scale = w[ch] / (saved.vars[ch] + eps).sqrt();
-                        (scale, b[ch] - saved.means[ch] * scale)
-                    })
-                    .collect()
-            }
-            Norm::Affine => w.iter().copied().zip(b.iter().copied()).collect(),
-        };
-        let affine: Vec<Params> = affine
-            .into_iter()
-            .map(|(scale, shift)| [scale, shift, 0.0, 0.0])
-            .collect();
+        let affine = self.channel_affine(z, dims, (w, b), &mut saved);
         let mut activated = vec![0f32; z.len()];
         channel_map(
             &mut activated,
@@ -413,6 +428,54 @@ impl ActivationGrad {
     }
 }
 
+impl ActivationGrad {
+    /// BatchNorm's backward through the batch statistics: the gradient of the
+    /// pre-normalisation values into `grad_z`, and of the scale and shift into
+    /// `grad_params` (`c` each).
+    fn batch_norm_grad(
+        &self,
+        saved: &Saved,
+        (z, dt): (&[f32], &[f32]),
+        dims: (usize, usize, usize),
+        eps: f32,
+        (grad_z, grad_params): (&mut [f32], &mut [f32]),
+    ) {
+        let (n, c, s) = dims;
+        let (means, vars) = (&saved.means, &saved.vars);
+        let inv_std: Vec<f32> = vars.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        let centred: Vec<Params> = means
+            .iter()
+            .zip(&inv_std)
+            .map(|(&m, &inv)| [m, inv, 0.0, 0.0])
+            .collect();
+        let sum_dt = channel_sums(dt, dt, dims, &centred, |d, _, _| d);
+        let sum_dt_xhat = channel_sums(dt, z, dims, &centred, |d, z, [m, inv, ..]| {
+            d * (z - m) * inv
+        });
+        let count = (n * s) as f32;
+        let sum_dt: Vec<f32> = sum_dt.iter().map(|&v| v as f32).collect();
+        let sum_dt_xhat: Vec<f32> = sum_dt_xhat.iter().map(|&v| v as f32).collect();
+        let params: Vec<Params> = (0..c)
+            .map(|ch| {
+                let inv = inv_std[ch];
+                let k = self.weight[ch] * inv / count;
+                // dz = k * (count * dt - sum_dt - x_hat * sum_dt_xhat)
+                [means[ch], inv * sum_dt_xhat[ch], k, k * sum_dt[ch]]
+            })
+            .collect();
+        channel_map(
+            grad_z,
+            z,
+            dt,
+            dims,
+            &params,
+            |z, dt, [m, inv_sdx, k, k_sd]| k * count * dt - k_sd - k * (z - m) * inv_sdx,
+        );
+        grad_params[..c].copy_from_slice(&sum_dt_xhat);
+        grad_params[c..].copy_from_slice(&sum_dt);
+    }
+}
+
 impl CustomOp3 for ActivationGrad {
     fn name(&self) -> &'static str {
         "mnist-lab-activation-grad"
@@ -428,7 +491,7 @@ impl CustomOp3 for ActivationGrad {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = channel_dims(zl.shape())?;
-        let (n, c, s) = dims;
+        let c = dims.1;
         let z = f32_data(zs, zl, self.name())?;
         let out = f32_data(os, ol, self.name())?;
         let g = f32_data(gs, gl, self.name())?;
@@ -444,38 +507,7 @@ impl CustomOp3 for ActivationGrad {
                 });
             }
             Norm::Batch { eps } => {
-                let (means, vars) = (&saved.means, &saved.vars);
-                let inv_std: Vec<f32> = vars.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-                let centred: Vec<Params> = means
-                    .iter()
-                    .zip(&inv_std)
-                    .map(|(&m, &inv)| [m, inv, 0.0, 0.0])
-                    .collect();
-                let sum_dt = channel_sums(&dt, &dt, dims, &centred, |d, _, _| d);
-                let sum_dt_xhat = channel_sums(&dt, z, dims, &centred, |d, z, [m, inv, ..]| {
-                    d * (z - m) * inv
-                });
-                let count = (n * s) as f32;
-                let sum_dt: Vec<f32> = sum_dt.iter().map(|&v| v as f32).collect();
-                let sum_dt_xhat: Vec<f32> = sum_dt_xhat.iter().map(|&v| v as f32).collect();
-                let params: Vec<Params> = (0..c)
-                    .map(|ch| {
-                        let inv = inv_std[ch];
-                        let k = self.weight[ch] * inv / count;
-                        // dz = k * (count * dt - sum_dt - x_hat * sum_dt_xhat)
-                        [means[ch], inv * sum_dt_xhat[ch], k, k * sum_dt[ch]]
-                    })
-                    .collect();
-                channel_map(
-                    grad_z,
-                    z,
-                    &dt,
-                    dims,
-                    &params,
-                    |z, dt, [m, inv_sdx, k, k_sd]| k * count * dt - k_sd - k * (z - m) * inv_sdx,
-                );
-                grad_params[..c].copy_from_slice(&sum_dt_xhat);
-                grad_params[c..].copy_from_slice(&sum_dt);
+                self.batch_norm_grad(&saved, (z, &dt), dims, eps, (grad_z, grad_params))
             }
         }
         let len = packed.len();

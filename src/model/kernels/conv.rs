@@ -107,36 +107,11 @@ impl ConvShape {
     }
 }
 
-/// `conv2d(x, w) + b`, valid padding, stride 1: x `(n, c, h, w)`, w `(o, c, kh, kw)`, b `(o,)`.
-pub(super) struct Conv2d;
-
-impl CustomOp3 for Conv2d {
-    fn name(&self) -> &'static str {
-        "mnist-lab-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let s = ConvShape::new(xl.shape(), wl.shape())?;
-        let (x, w, b) = (
-            f32_data(xs, xl, self.name())?,
-            f32_data(ws, wl, self.name())?,
-            f32_data(bs, bl, self.name())?,
-        );
-        if b.len() != s.c_out {
-            candle_core::bail!(
-                "conv2d: bias has {} entries for {} channels",
-                b.len(),
-                s.c_out
-            );
-        }
+/// The convolutions themselves, on slices whose shapes [`ConvShape`] has checked.
+impl ConvShape {
+    /// `conv2d(x, w) + b` for the whole batch.
+    fn forward(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let s = self;
         let mut out = vec![0f32; s.batch * s.output_len()];
         let (taps, p) = (s.taps(), s.positions());
         if s.is_dense() {
@@ -182,6 +157,99 @@ impl CustomOp3 for Conv2d {
                     plane.iter_mut().for_each(|v| *v += bias);
                 }
             });
+        out
+    }
+
+    /// The weight gradient, `(o, c, kh, kw)`, from the inputs and the output gradient.
+    fn weight_gradient(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
+        let s = self;
+        let (taps, p) = (s.taps(), s.positions());
+        if s.is_dense() {
+            // grad_w (o x taps) = grad_out^T (o x n) . x (n x taps)
+            let mut grad_w = vec![0f32; s.c_out * taps];
+            let dims = (s.c_out, taps, s.batch);
+            matmul(
+                dims,
+                &mut grad_w,
+                (taps, 1),
+                g,
+                (1, s.c_out),
+                x,
+                (taps, 1),
+                false,
+                threads(),
+            );
+            grad_w
+        } else {
+            // Each thread sums its images' contributions; the partial sums are then added.
+            let per_thread = s.batch.div_ceil(rayon::current_num_threads()).max(1);
+            x.par_chunks(s.input_len() * per_thread)
+                .zip(g.par_chunks(s.output_len() * per_thread))
+                .map(|(images, grads)| {
+                    let mut cols = vec![0f32; taps * p];
+                    let mut partial = vec![0f32; s.c_out * taps];
+                    for (k, (image, grad_out)) in images
+                        .chunks(s.input_len())
+                        .zip(grads.chunks(s.output_len()))
+                        .enumerate()
+                    {
+                        s.im2col(image, &mut cols);
+                        // partial (o x taps) += grad_out (o x p) . cols^T (p x taps)
+                        let dims = (s.c_out, taps, p);
+                        matmul(
+                            dims,
+                            &mut partial,
+                            (taps, 1),
+                            grad_out,
+                            (p, 1),
+                            &cols,
+                            (1, p),
+                            k > 0,
+                            Parallelism::None,
+                        );
+                    }
+                    partial
+                })
+                .reduce_with(|mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                })
+                .unwrap_or_else(|| vec![0f32; s.c_out * taps])
+        }
+    }
+}
+
+/// `conv2d(x, w) + b`, valid padding, stride 1: x `(n, c, h, w)`, w `(o, c, kh, kw)`, b `(o,)`.
+pub(super) struct Conv2d;
+
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "mnist-lab-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = ConvShape::new(xl.shape(), wl.shape())?;
+        let (x, w, b) = (
+            f32_data(xs, xl, self.name())?,
+            f32_data(ws, wl, self.name())?,
+            f32_data(bs, bl, self.name())?,
+        );
+        if b.len() != s.c_out {
+            candle_core::bail!(
+                "conv2d: bias has {} entries for {} channels",
+                b.len(),
+                s.c_out
+            );
+        }
+        let out = s.forward(x, w, b);
         Ok((
             CpuStorage::F32(out),
             Shape::from((s.batch, s.c_out, s.out_h(), s.out_w())),
@@ -303,59 +371,7 @@ impl CustomOp2 for Conv2dGradKernel {
             f32_data(xs, xl, self.name())?,
             f32_data(gs, gl, self.name())?,
         );
-        let (taps, p) = (s.taps(), s.positions());
-        let grad_w = if s.is_dense() {
-            // grad_w (o x taps) = grad_out^T (o x n) . x (n x taps)
-            let mut grad_w = vec![0f32; s.c_out * taps];
-            let dims = (s.c_out, taps, s.batch);
-            matmul(
-                dims,
-                &mut grad_w,
-                (taps, 1),
-                g,
-                (1, s.c_out),
-                x,
-                (taps, 1),
-                false,
-                threads(),
-            );
-            grad_w
-        } else {
-            // Each thread sums its images' contributions; the partial sums are then added.
-            let per_thread = s.batch.div_ceil(rayon::current_num_threads()).max(1);
-            x.par_chunks(s.input_len() * per_thread)
-                .zip(g.par_chunks(s.output_len() * per_thread))
-                .map(|(images, grads)| {
-                    let mut cols = vec![0f32; taps * p];
-                    let mut partial = vec![0f32; s.c_out * taps];
-                    for (k, (image, grad_out)) in images
-                        .chunks(s.input_len())
-                        .zip(grads.chunks(s.output_len()))
-                        .enumerate()
-                    {
-                        s.im2col(image, &mut cols);
-                        // partial (o x taps) += grad_out (o x p) . cols^T (p x taps)
-                        let dims = (s.c_out, taps, p);
-                        matmul(
-                            dims,
-                            &mut partial,
-                            (taps, 1),
-                            grad_out,
-                            (p, 1),
-                            &cols,
-                            (1, p),
-                            k > 0,
-                            Parallelism::None,
-                        );
-                    }
-                    partial
-                })
-                .reduce_with(|mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                })
-                .unwrap_or_else(|| vec![0f32; s.c_out * taps])
-        };
+        let grad_w = s.weight_gradient(x, g);
         Ok((CpuStorage::F32(grad_w), self.kernel.clone()))
     }
 }
