@@ -30,7 +30,9 @@ impl RunInfo {
         if !summary_path.is_file() {
             return Err(AnalyzeError::NotARun(dir.to_path_buf()));
         }
-        let summary = rundir::read_summary(&summary_path)?;
+        let mut summary = rundir::read_summary(&summary_path)?;
+        // A run whose process is gone is shown as what it is.
+        summary.status = summary.effective_status();
         let config = Config::load(&dir.join(rundir::CONFIG_FILE), &[]).ok();
         Ok(RunInfo {
             dir: dir.to_path_buf(),

@@ -15,7 +15,7 @@ mod train;
 
 use bench::BenchArgs;
 use inspect::{CompareArgs, EvalArgs, PredictArgs, ReportArgs, RunsArgs};
-use train::{RunArgs, SweepArgs};
+use train::{ResumeArgs, RunArgs, SweepArgs};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +32,8 @@ pub struct Cli {
 enum Command {
     /// Train one config and write a run directory.
     Run(RunArgs),
+    /// Continue an interrupted, failed or stale run (or extend a finished one).
+    Resume(ResumeArgs),
     /// Run many configs: files, directories, `[sweep]` grids, comma lists in --set.
     Sweep(SweepArgs),
     /// List the runs in a directory.
@@ -77,6 +79,7 @@ impl Cli {
         match self.command {
             Command::Run(args) => args.execute(),
             Command::Sweep(args) => args.execute(),
+            Command::Resume(args) => args.execute(),
             Command::Runs(args) => args.execute(),
             Command::Compare(args) => args.execute(),
             Command::Eval(args) => args.execute(),

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::{ConfigArgs, UsageError};
+use crate::config::{Config, Override};
 use crate::run::experiment;
+use crate::run::rundir;
 use crate::run::sweep::{self, Shard, SweepRecord, SweepSet};
 use crate::util::{device, interrupt};
 
@@ -42,17 +44,70 @@ impl RunArgs {
         }
         device::set_cpu_threads(config.device.threads);
         let outcome = experiment::run(&config, &self.runs_dir)?.into_result()?;
-        let summary = &outcome.summary;
-        println!("run directory: {}", outcome.dir.display());
-        if let (Some(acc), Some(loss)) = (summary.test_acc, summary.test_loss) {
-            println!(
-                "test accuracy {:.2}% (loss {loss:.4}), best validation epoch {} of {}",
-                100.0 * acc,
-                summary.best_epoch.unwrap_or(0),
-                summary.epochs
+        print_outcome(&outcome);
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub(super) struct ResumeArgs {
+    /// The run directory to continue.
+    run_dir: PathBuf,
+    /// Change what a resumed run may change: `train.epochs` (to extend it),
+    /// `device.*`, `data.dir`, `train.eval_batch_size`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<Override>,
+    /// CPU threads (default: the run's device.threads; 0 = one per core).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+/// Whether a resumed run may change `key`: none of these changes what it learns.
+fn resumable(key: &str) -> bool {
+    matches!(key, "train.epochs" | "train.eval_batch_size" | "data.dir")
+        || key.starts_with("device.")
+}
+
+impl ResumeArgs {
+    pub(super) fn execute(mut self) -> anyhow::Result<()> {
+        if let Some(changed) = self.set.iter().find(|o| !resumable(&o.key)) {
+            return Err(UsageError(format!(
+                "--set {}: a resumed run keeps its settings; only train.epochs, \
+                 train.eval_batch_size, data.dir and device.* may change \
+                 (start a new run to change {})",
+                changed.key, changed.key
+            ))
+            .into());
+        }
+        if let Some(threads) = self.threads {
+            self.set.push(
+                format!("device.threads={threads}")
+                    .parse()
+                    .map_err(UsageError)?,
             );
         }
+        // The run's own thread count unless changed; a config that does not load
+        // is reported by `resume` itself.
+        let config = Config::load(&self.run_dir.join(rundir::CONFIG_FILE), &self.set);
+        let threads = config.map_or(0, |c| c.device.threads);
+        device::set_cpu_threads(threads);
+        let outcome = experiment::resume(&self.run_dir, &self.set)?.into_result()?;
+        print_outcome(&outcome);
         Ok(())
+    }
+}
+
+/// The lines a finished run prints: where it is and how it scored.
+fn print_outcome(outcome: &experiment::RunOutcome) {
+    let summary = &outcome.summary;
+    println!("run directory: {}", outcome.dir.display());
+    if let (Some(acc), Some(loss)) = (summary.test_acc, summary.test_loss) {
+        println!(
+            "test accuracy {:.2}% (loss {loss:.4}), best validation epoch {} of {}",
+            100.0 * acc,
+            summary.best_epoch.unwrap_or(0),
+            summary.epochs
+        );
     }
 }
 

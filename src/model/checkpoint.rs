@@ -61,8 +61,18 @@ pub fn load(varmap: &VarMap, path: &Path) -> Result<(), CheckpointError> {
             path: shown.clone(),
             reason: e.to_string(),
         })?;
+    assign(varmap, &tensors, &shown)
+}
+
+/// Sets every variable of `varmap` from `tensors` (read from `origin`, named in
+/// errors): each must be there with the variable's shape.
+pub fn assign(
+    varmap: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    origin: &str,
+) -> Result<(), CheckpointError> {
     let mismatch = |reason: String| CheckpointError::Mismatch {
-        path: shown.clone(),
+        path: origin.to_string(),
         reason,
     };
     let vars = varmap.data().lock().expect("varmap lock");

@@ -267,6 +267,18 @@ impl Dropout {
     }
 }
 
+impl Dropout {
+    /// The generator as it stands, to save with a run's training state.
+    pub fn rng(&self) -> ChaCha8Rng {
+        self.rng.lock().expect("dropout rng lock").clone()
+    }
+
+    /// Puts back a generator saved by [`Dropout::rng`] (resuming a run).
+    pub fn set_rng(&self, rng: ChaCha8Rng) {
+        *self.rng.lock().expect("dropout rng lock") = rng;
+    }
+}
+
 impl ModuleT for Dropout {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.probability == 0.0 {

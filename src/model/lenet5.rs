@@ -55,4 +55,8 @@ impl Classifier for LeNet5 {
             .apply_t(&self.dropout, train)?
             .apply(&self.fc2)
     }
+
+    fn dropout(&self) -> &Dropout {
+        &self.dropout
+    }
 }

@@ -47,4 +47,8 @@ impl Classifier for CustomMlp {
         }
         x.apply(&self.output)
     }
+
+    fn dropout(&self) -> &Dropout {
+        &self.dropout
+    }
 }

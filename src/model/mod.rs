@@ -123,6 +123,9 @@ pub trait Network: Classifier + Sized + 'static {
 pub trait Classifier: Send + Sync {
     /// `train` selects batch statistics in BatchNorm and enables dropout.
     fn logits(&self, images: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// The network's dropout, whose generator is part of a run's training state.
+    fn dropout(&self) -> &Dropout;
 }
 
 /// Builds the configured model; its variables are created in `varmap`.

@@ -5,12 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, Override};
 use crate::data::Datasets;
 use crate::model::checkpoint;
 use crate::run::RunError;
 use crate::run::metrics::{EpochMetrics, round};
 use crate::run::record::RunRecord;
+use crate::run::resume;
 use crate::run::rundir::{self, RunDir, Status, Summary};
 use crate::train::{Score, Trainer};
 use crate::util::{device, progress, system};
@@ -55,9 +56,84 @@ pub fn run(config: &Config, runs_dir: &Path) -> Result<RunOutcome, RunError> {
     let data = load_data(config, &device, started)?;
     let mut trainer = Trainer::new(&config.train_setup(), data.side, &device)?;
     let run = RunDir::create(runs_dir, &config.name)?;
-    let mut record = RunRecord::start(run, config, &trainer, &device)?;
-    let test = train_epochs(&mut trainer, &data, config.train.epochs, &mut record)
-        .and_then(|()| test_best_epoch(&trainer, &record.run, &data));
+    let record = RunRecord::start(run, config, &trainer, &device)?;
+    train_and_test(&mut trainer, &data, record, started)
+}
+
+/// Continues the run in `run_dir` from its training state, in the same directory,
+/// with its saved config (and `overrides`: more epochs, another device). On the
+/// CPU it ends as the run would have ended had it never stopped.
+pub fn resume(run_dir: &Path, overrides: &[Override]) -> Result<RunOutcome, RunError> {
+    let started = Instant::now();
+    system::release_freed_memory();
+    system::reset_peak_rss();
+    let summary = rundir::read_summary(&run_dir.join(rundir::SUMMARY_FILE))?;
+    let config = Config::load(&run_dir.join(rundir::CONFIG_FILE), overrides)?;
+    check_resumable(run_dir, &summary, &config)?;
+    let (state, tensors) = resume::load(run_dir)?;
+    let device = device::select(config.device.kind)?;
+    let data = load_data(&config, &device, started)?;
+    let mut trainer = Trainer::new(&config.train_setup(), data.side, &device)?;
+    let origin = run_dir.join(resume::STATE_FILE).display().to_string();
+    trainer.restore(&state.trainer, &tensors, &origin)?;
+    let run = RunDir::open(run_dir);
+    let record = RunRecord::resume(run, &config, summary, &state)?;
+    train_and_test(&mut trainer, &data, record, started)
+}
+
+/// Refuses a run that is still going, has nothing to continue, or is complete
+/// at the epochs asked for.
+fn check_resumable(run_dir: &Path, summary: &Summary, config: &Config) -> Result<(), RunError> {
+    let refuse = |reason: String| {
+        Err(RunError::NotResumable {
+            dir: run_dir.to_path_buf(),
+            reason,
+        })
+    };
+    let done = summary.epochs_completed;
+    match summary.effective_status() {
+        Status::Running => {
+            let pid = summary.pid.map_or("?".into(), |p| p.to_string());
+            let host = summary.hostname.as_deref().unwrap_or("?");
+            return refuse(format!("it is running (process {pid} on {host})"));
+        }
+        Status::Completed if config.train.epochs <= done => {
+            return refuse(format!(
+                "it completed all {done} epochs; add epochs with --set train.epochs={}",
+                done + 10
+            ));
+        }
+        _ => {}
+    }
+    if config.train.epochs < done {
+        return refuse(format!(
+            "train.epochs = {} is fewer than the {done} epochs it completed",
+            config.train.epochs
+        ));
+    }
+    if !run_dir.join(resume::STATE_FILE).is_file() {
+        return refuse(if done == 0 {
+            format!(
+                "it completed no epoch; start it afresh with `mnist-lab run {}`",
+                run_dir.join(rundir::CONFIG_FILE).display()
+            )
+        } else {
+            format!("it has no {}", resume::STATE_FILE)
+        });
+    }
+    Ok(())
+}
+
+/// Trains the epochs the record has not completed, tests the best epoch, and
+/// settles the record however that went.
+fn train_and_test(
+    trainer: &mut Trainer,
+    data: &Datasets,
+    mut record: RunRecord,
+    started: Instant,
+) -> Result<RunOutcome, RunError> {
+    let test = train_epochs(trainer, data, &mut record)
+        .and_then(|()| test_best_epoch(trainer, &record.run, data));
     let (run, summary) = record.finish(test, started.elapsed().as_secs_f64())?;
     Ok(RunOutcome {
         dir: run.path,
@@ -82,14 +158,14 @@ fn load_data(
     Ok(data)
 }
 
-/// Every epoch: train, validate, record.
+/// Every epoch still to do: train, validate, record.
 fn train_epochs(
     trainer: &mut Trainer,
     data: &Datasets,
-    epochs: usize,
     record: &mut RunRecord,
 ) -> Result<(), RunError> {
-    for epoch in 1..=epochs {
+    let epochs = record.summary.epochs;
+    for epoch in record.epochs_done() + 1..=epochs {
         let metrics = train_epoch(trainer, data, epoch, epochs)?;
         record.epoch_end(metrics, trainer)?;
     }

@@ -1,11 +1,12 @@
 //! Runs: one experiment into a run directory ([`experiment`]), what it records
-//! after every epoch ([`record`]), the directory's files ([`rundir`],
+//! after every epoch ([`record`]) and how it continues ([`resume`]), the directory's files ([`rundir`],
 //! [`metrics`], [`plots`]), and sweeps of many runs ([`sweep`]).
 
 pub mod experiment;
 pub mod metrics;
 pub mod plots;
 pub mod record;
+pub mod resume;
 pub mod rundir;
 pub mod sweep;
 
@@ -34,6 +35,18 @@ pub enum RunError {
     File(#[from] FileError),
     #[error(transparent)]
     Plot(#[from] PlotError),
+    #[error(transparent)]
+    State(#[from] resume::StateError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    RunFile(#[from] rundir::RunFileError),
+    /// A run that `resume` cannot continue, and why.
+    #[error("cannot resume {}: {reason}", dir.display())]
+    NotResumable {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
     /// A bug: a sweep records it as the run's failure and goes on.
     #[error("panicked: {0}")]
     Panicked(String),

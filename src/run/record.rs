@@ -3,14 +3,18 @@
 //! about every epoch's end through one small interface, so a new output (or a
 //! policy such as resuming) is a new recorder, not an edit of the training loop.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::Device;
 
 use crate::config::Config;
 use crate::model::checkpoint;
 use crate::run::metrics::{EpochMetrics, round};
+use crate::run::resume::{self, SavedState};
 use crate::run::rundir::{self, RunDir, Status, Summary};
 use crate::run::{RunError, plots};
 use crate::train::{Score, TrainError, Trainer};
+use crate::util::interrupt::{self, AbortHook};
 use crate::util::telemetry::EventCapture;
 use crate::util::{device, system};
 
@@ -52,6 +56,18 @@ impl Recorder for Checkpoints {
     }
 }
 
+/// `training_state.safetensors`: what `mnist-lab resume` continues from. Written
+/// after the checkpoints, so a state never names a best epoch whose weights are
+/// not yet on disk.
+pub struct TrainingState;
+
+impl Recorder for TrainingState {
+    fn epoch_end(&mut self, end: &EpochEnd) -> Result<(), RunError> {
+        let best = (end.summary.best_epoch, end.summary.best_val_acc);
+        Ok(resume::save(end.run, end.trainer, end.history, best)?)
+    }
+}
+
 /// `metrics.csv`, one row per epoch.
 pub struct MetricsCsv;
 
@@ -87,16 +103,28 @@ impl Recorder for SummaryJson {
     }
 }
 
-/// `events.jsonl`: the run's tracing events, captured since it started.
-pub struct Events(pub EventCapture);
+/// `events.jsonl`: the run's tracing events, captured since it started (after
+/// those of its earlier sessions, when it was resumed).
+pub struct Events {
+    pub earlier: Vec<u8>,
+    pub capture: EventCapture,
+}
+
+impl Events {
+    fn write(&self, run: &RunDir) -> Result<(), RunError> {
+        let mut all = self.earlier.clone();
+        all.extend_from_slice(&self.capture.contents());
+        Ok(run.write_events(&all)?)
+    }
+}
 
 impl Recorder for Events {
     fn epoch_end(&mut self, end: &EpochEnd) -> Result<(), RunError> {
-        Ok(end.run.write_events(&self.0.contents())?)
+        self.write(end.run)
     }
 
     fn run_end(&mut self, run: &RunDir, _summary: &Summary) -> Result<(), RunError> {
-        Ok(run.write_events(&self.0.contents())?)
+        self.write(run)
     }
 }
 
@@ -106,6 +134,13 @@ pub struct RunRecord {
     pub summary: Summary,
     history: Vec<EpochMetrics>,
     recorders: Vec<Box<dyn Recorder>>,
+    /// Wall time of the run's earlier sessions (before a resume).
+    earlier_wall_secs: f64,
+    /// When this session started recording, for the wall time after each epoch.
+    session_start: std::time::Instant,
+    /// The summary as last written, for the abort hook to mark `interrupted`.
+    written: Arc<Mutex<Summary>>,
+    _abort: AbortHook,
 }
 
 impl RunRecord {
@@ -128,30 +163,89 @@ impl RunRecord {
             threads = device::cpu_threads(),
             "run started"
         );
+        let events = Events {
+            earlier: Vec::new(),
+            capture,
+        };
+        Self::open(run, config, summary, Vec::new(), events)
+    }
+
+    /// Continues a run from its saved training state: the summary says `running`
+    /// again (and when it was resumed), metrics.csv is rebuilt from the state's
+    /// history, and new events follow the earlier ones.
+    pub fn resume(
+        run: RunDir,
+        config: &Config,
+        mut summary: Summary,
+        state: &SavedState,
+    ) -> Result<RunRecord, RunError> {
+        let events_path = run.file(rundir::EVENTS_FILE);
+        let earlier = std::fs::read(&events_path).unwrap_or_default();
+        let events = Events {
+            earlier,
+            capture: EventCapture::start(),
+        };
+        summary.status = Status::Running;
+        summary.error = None;
+        (summary.test_loss, summary.test_acc) = (None, None);
+        summary.epochs = config.train.epochs;
+        summary.epochs_completed = state.epoch;
+        (summary.best_epoch, summary.best_val_acc) = (state.best_epoch, state.best_val_acc);
+        summary.resumed_at.push(system::now_rfc3339());
+        tracing::info!(
+            run_dir = %run.path.display(),
+            from_epoch = state.epoch,
+            epochs = config.train.epochs,
+            "run resumed"
+        );
+        Self::open(run, config, summary, state.history.clone(), events)
+    }
+
+    /// Writes the run's config, its summary and metrics.csv as they stand, and
+    /// sets up the recorders.
+    fn open(
+        run: RunDir,
+        config: &Config,
+        mut summary: Summary,
+        history: Vec<EpochMetrics>,
+        events: Events,
+    ) -> Result<RunRecord, RunError> {
         run.write_config(&config.to_toml())?;
+        summary.touch();
         run.write_summary(&summary)?;
-        run.write_metrics(&[])?;
+        run.write_metrics(&history)?;
+        let written = Arc::new(Mutex::new(summary.clone()));
+        let abort = abort_hook(run.clone(), Arc::clone(&written));
         Ok(RunRecord {
             run,
+            earlier_wall_secs: summary.wall_secs,
+            session_start: std::time::Instant::now(),
             summary,
-            history: Vec::with_capacity(config.train.epochs),
+            history,
             recorders: vec![
                 Box::new(Checkpoints),
+                Box::new(TrainingState),
                 Box::new(MetricsCsv),
                 Box::new(Plots),
                 Box::new(SummaryJson),
-                Box::new(Events(capture)),
+                Box::new(events),
             ],
+            written,
+            _abort: abort,
         })
+    }
+
+    /// Epochs completed so far.
+    pub fn epochs_done(&self) -> usize {
+        self.history.len()
     }
 
     /// Logs an epoch's figures and has every recorder write its output. A
     /// diverged epoch (non-finite validation loss) stops the run unrecorded.
     pub fn epoch_end(&mut self, metrics: EpochMetrics, trainer: &Trainer) -> Result<(), RunError> {
         metrics.log();
-        if !metrics.val_loss.is_finite() {
-            let (epoch, loss) = (metrics.epoch, metrics.val_loss);
-            return Err(TrainError::Diverged { epoch, loss }.into());
+        if let Some(diverged) = divergence(&metrics, self.history.first()) {
+            return Err(diverged.into());
         }
         let improved = self
             .summary
@@ -162,6 +256,9 @@ impl RunRecord {
             self.summary.best_epoch = Some(metrics.epoch);
         }
         self.summary.epochs_completed = metrics.epoch;
+        let session_secs = self.session_start.elapsed().as_secs_f64();
+        self.summary.wall_secs = round(self.earlier_wall_secs + session_secs, 2);
+        self.summary.touch();
         self.history.push(metrics);
         let end = EpochEnd {
             run: &self.run,
@@ -173,6 +270,7 @@ impl RunRecord {
         for recorder in &mut self.recorders {
             recorder.epoch_end(&end)?;
         }
+        *self.written.lock().unwrap_or_else(|e| e.into_inner()) = self.summary.clone();
         Ok(())
     }
 
@@ -184,7 +282,8 @@ impl RunRecord {
         wall_secs: f64,
     ) -> Result<(RunDir, Summary), RunError> {
         let summary = &mut self.summary;
-        summary.wall_secs = round(wall_secs, 2);
+        summary.touch();
+        summary.wall_secs = round(self.earlier_wall_secs + wall_secs, 2);
         summary.peak_rss_mb = system::peak_rss_mb();
         match test {
             Ok(test) => {
@@ -201,9 +300,10 @@ impl RunRecord {
                 );
             }
             Err(error) => {
-                summary.status = match error.interruption() {
-                    Some(_) => Status::Interrupted,
-                    None => Status::Failed,
+                summary.status = match &error {
+                    _ if error.interruption().is_some() => Status::Interrupted,
+                    RunError::Train(TrainError::Diverged { .. }) => Status::Diverged,
+                    _ => Status::Failed,
                 };
                 summary.error = Some(error.to_string());
                 let epochs_completed = summary.epochs_completed;
@@ -213,11 +313,49 @@ impl RunRecord {
                 }
             }
         }
+        *self.written.lock().unwrap_or_else(|e| e.into_inner()) = self.summary.clone();
         for recorder in &mut self.recorders {
             recorder.run_end(&self.run, &self.summary)?;
         }
         Ok((self.run, self.summary))
     }
+}
+
+/// If a second signal ends the process at once, the summary as last written is
+/// marked `interrupted` (its completed epochs stay resumable).
+fn abort_hook(run: RunDir, written: Arc<Mutex<Summary>>) -> AbortHook {
+    interrupt::on_abort(move |signal| {
+        let mut summary = written.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if summary.status != Status::Running {
+            return; // the run had already ended and said how
+        }
+        summary.status = Status::Interrupted;
+        summary.error = Some(format!("stopped at once by a second {signal}"));
+        summary.touch();
+        let _ = run.write_summary(&summary);
+    })
+}
+
+/// Mean cross-entropy above ten times chance level's (ln 10 = 2.30): no
+/// classifier that still learns gets there.
+const DIVERGED_LOSS: f64 = 10.0 * std::f64::consts::LN_10;
+
+/// Why an epoch's figures say training diverged, if they do: a loss that is not
+/// finite, above [`DIVERGED_LOSS`], or ten times the first epoch's.
+fn divergence(metrics: &EpochMetrics, first: Option<&EpochMetrics>) -> Option<TrainError> {
+    let losses = [
+        ("training", metrics.train_loss, first.map(|f| f.train_loss)),
+        ("validation", metrics.val_loss, first.map(|f| f.val_loss)),
+    ];
+    losses.into_iter().find_map(|(what, loss, first)| {
+        let exploded = first.is_some_and(|first| loss > 10.0 * first);
+        (!loss.is_finite() || loss > DIVERGED_LOSS || exploded).then_some(TrainError::Diverged {
+            epoch: metrics.epoch,
+            what,
+            loss,
+            lr: metrics.lr,
+        })
+    })
 }
 
 /// The summary a run starts with: what it is, and status `running`.
@@ -239,8 +377,45 @@ fn initial_summary(config: &Config, trainer: &Trainer, device: &Device) -> Summa
         peak_rss_mb: None,
         threads: Some(device::cpu_threads()),
         host: system::host_description(),
-        started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        started_at: system::now_rfc3339(),
         status: Status::Running,
         error: None,
+        hostname: None,
+        pid: None,
+        updated_at: None,
+        resumed_at: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch(epoch: usize, train_loss: f64, val_loss: f64) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            train_loss,
+            val_loss,
+            lr: 0.5,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn divergence_is_a_loss_not_finite_too_high_or_ten_times_the_first() {
+        let first = epoch(1, 0.5, 0.4);
+        assert!(divergence(&first, None).is_none());
+        assert!(divergence(&epoch(2, 0.3, 0.2), Some(&first)).is_none());
+        assert!(divergence(&epoch(2, f64::NAN, 0.2), Some(&first)).is_some());
+        assert!(
+            divergence(&epoch(1, 30.0, 0.2), None).is_some(),
+            "above 10 ln 10"
+        );
+        let Some(TrainError::Diverged { what, lr, .. }) =
+            divergence(&epoch(3, 0.3, 4.5), Some(&first))
+        else {
+            panic!("ten times the first validation loss is divergence");
+        };
+        assert_eq!((what, lr), ("validation", 0.5));
     }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::run::metrics::{EpochMetrics, metrics_csv};
 use crate::util::fsio::{FileError, create_unique_dir, read_text, write_atomic};
+use crate::util::system;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.csv";
@@ -40,6 +41,11 @@ pub enum Status {
     Failed,
     /// Stopped by SIGINT or SIGTERM; the checkpoints and metrics of finished epochs remain.
     Interrupted,
+    /// Stopped because its loss blew up; `last.safetensors` holds the last good epoch.
+    Diverged,
+    /// Never written: what readers call a `running` run whose process is gone
+    /// (killed, or its machine went down). `mnist-lab resume` continues it.
+    Stale,
 }
 
 impl std::fmt::Display for Status {
@@ -50,6 +56,8 @@ impl std::fmt::Display for Status {
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Interrupted => "interrupted",
+            Status::Diverged => "diverged",
+            Status::Stale => "stale",
         })
     }
 }
@@ -83,6 +91,35 @@ pub struct Summary {
     pub started_at: String,
     pub status: Status,
     pub error: Option<String>,
+    /// The machine and process that run the run, and when the process last wrote
+    /// this file: how readers tell a live run from a stale one.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+    /// When the run was resumed, once per resume.
+    #[serde(default)]
+    pub resumed_at: Vec<String>,
+}
+
+impl Summary {
+    /// The status as it stands: `stale` for a `running` run whose process is no
+    /// longer alive on this machine (a run on another machine is taken at its word).
+    pub fn effective_status(&self) -> Status {
+        let gone = self.status == Status::Running
+            && self.hostname.as_deref() == Some(system::hostname().as_str())
+            && self.pid.is_some_and(|pid| !system::process_alive(pid));
+        if gone { Status::Stale } else { self.status }
+    }
+
+    /// Marks the summary as written now by this process.
+    pub fn touch(&mut self) {
+        self.hostname = Some(system::hostname());
+        self.pid = Some(std::process::id());
+        self.updated_at = Some(system::now_rfc3339());
+    }
 }
 
 /// A created run directory.
@@ -98,6 +135,13 @@ impl RunDir {
         let plots = path.join(PLOTS_DIR);
         std::fs::create_dir(&plots).map_err(FileError::on("create", &plots))?;
         Ok(RunDir { path })
+    }
+
+    /// An existing run directory (to resume).
+    pub fn open(path: &Path) -> RunDir {
+        RunDir {
+            path: path.to_path_buf(),
+        }
     }
 
     pub fn file(&self, name: &str) -> PathBuf {

@@ -21,12 +21,21 @@ pub use trainer::*;
 pub enum TrainError {
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::model::checkpoint::CheckpointError),
     #[error("interrupted by {0}")]
     Interrupted(Signal),
     #[error(
-        "validation loss is {loss} at epoch {epoch}: training diverged (try a lower optimizer.lr)"
+        "{what} loss is {loss} at epoch {epoch}: training diverged; lower optimizer.lr \
+         (the rate was {lr}) and run again, or resume from the last good epoch"
     )]
-    Diverged { epoch: usize, loss: f64 },
+    Diverged {
+        epoch: usize,
+        /// `training` or `validation`.
+        what: &'static str,
+        loss: f64,
+        lr: f64,
+    },
 }
 
 /// `[train]`: the loop itself.

@@ -1,5 +1,7 @@
 //! Optimisers with PyTorch's update rules, and the `[optimizer]` config.
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
@@ -107,9 +109,15 @@ enum State {
 /// SGD, Adam or AdamW over the trainable variables of a `VarMap`.
 pub struct Optimizer {
     config: OptimizerConfig,
-    params: Vec<(Var, State)>,
+    /// Each trainable variable by name, with its state.
+    params: Vec<(String, Var, State)>,
     steps: u64,
 }
+
+/// PyTorch's names for the state tensors of one parameter.
+const MOMENTUM: &str = "momentum_buffer";
+const FIRST_MOMENT: &str = "exp_avg";
+const SECOND_MOMENT: &str = "exp_avg_sq";
 
 impl Optimizer {
     pub fn new(config: &OptimizerConfig, varmap: &VarMap) -> Self {
@@ -121,7 +129,7 @@ impl Optimizer {
             config: config.clone(),
             params: named
                 .into_iter()
-                .map(|(_, var)| (var.clone(), State::Empty))
+                .map(|(name, var)| (name.clone(), var.clone(), State::Empty))
                 .collect(),
             steps: 0,
         }
@@ -131,7 +139,7 @@ impl Optimizer {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.steps += 1;
         let config = self.config.clone();
-        for (var, state) in &mut self.params {
+        for (_, var, state) in &mut self.params {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
@@ -144,6 +152,64 @@ impl Optimizer {
             };
             var.set(&updated)?;
         }
+        Ok(())
+    }
+}
+
+/// The state as it stands, for a run's training state: the step count, and
+/// tensors named `<parameter>.momentum_buffer` (SGD) or `<parameter>.exp_avg` and
+/// `<parameter>.exp_avg_sq` (Adam), as in PyTorch's optimizer `state_dict`.
+impl Optimizer {
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (name, _, state) in &self.params {
+            match state {
+                State::Empty => {}
+                State::Momentum(buffer) => out.push((format!("{name}.{MOMENTUM}"), buffer.clone())),
+                State::Moments { first, second } => {
+                    out.push((format!("{name}.{FIRST_MOMENT}"), first.clone()));
+                    out.push((format!("{name}.{SECOND_MOMENT}"), second.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts back a state saved by [`Optimizer::state_tensors`]; a parameter with
+    /// no tensors starts empty, as it would before its first step.
+    pub fn restore(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
+        let fetch = |name: &str, var: &Var| -> Result<Option<Tensor>> {
+            let Some(tensor) = tensors.get(name) else {
+                return Ok(None);
+            };
+            if tensor.dims() != var.dims() {
+                candle_core::bail!(
+                    "optimizer state {name} has shape {:?}, expected {:?}",
+                    tensor.dims(),
+                    var.dims()
+                );
+            }
+            Ok(Some(tensor.to_device(var.device())?))
+        };
+        for (name, var, state) in &mut self.params {
+            let momentum = fetch(&format!("{name}.{MOMENTUM}"), var)?;
+            let first = fetch(&format!("{name}.{FIRST_MOMENT}"), var)?;
+            let second = fetch(&format!("{name}.{SECOND_MOMENT}"), var)?;
+            *state = match (momentum, first, second) {
+                (Some(buffer), None, None) => State::Momentum(buffer),
+                (None, Some(first), Some(second)) => State::Moments { first, second },
+                (None, None, None) => State::Empty,
+                _ => candle_core::bail!(
+                    "optimizer state of {name} does not fit a {:?} optimizer",
+                    self.config.kind
+                ),
+            };
+        }
+        self.steps = steps;
         Ok(())
     }
 }

@@ -1,14 +1,17 @@
 //! The training loop: one epoch of shuffled mini-batches, and evaluation.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Tensors;
-use crate::model::kernels;
 use crate::model::{self, Classifier};
+use crate::model::{checkpoint, kernels};
 use crate::train::optim::Optimizer;
 use crate::train::schedule;
 use crate::train::{TrainError, TrainSetup};
@@ -20,6 +23,21 @@ pub struct Score {
     pub loss: f64,
     pub accuracy: f64,
 }
+
+/// What a trainer needs besides its tensors to continue exactly where it was:
+/// the step count and every random stream (shuffle, augmentation, dropout).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub steps: u64,
+    pub shuffle_rng: ChaCha8Rng,
+    pub augment_rng: ChaCha8Rng,
+    pub dropout_rng: ChaCha8Rng,
+}
+
+/// Prefixes of the tensors of [`Trainer::snapshot`]: the model's variables (with
+/// BatchNorm's statistics) and the optimiser's state.
+const MODEL_PREFIX: &str = "model.";
+const OPTIMIZER_PREFIX: &str = "optimizer.";
 
 /// A model, its variables and its optimiser, with the state of the run.
 pub struct Trainer {
@@ -47,6 +65,52 @@ impl Trainer {
             augment_rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0xA_0637),
             steps: 0,
         })
+    }
+
+    /// Everything needed to continue this run exactly: the state, and the tensors
+    /// named `model.<variable>` and `optimizer.<parameter>.<buffer>`, on the CPU.
+    pub fn snapshot(&self) -> Result<(TrainerState, Vec<(String, Tensor)>)> {
+        let state = TrainerState {
+            steps: self.steps,
+            shuffle_rng: self.shuffle_rng.clone(),
+            augment_rng: self.augment_rng.clone(),
+            dropout_rng: self.model.dropout().rng(),
+        };
+        let mut tensors = Vec::new();
+        for (name, var) in self.varmap.data().lock().expect("varmap lock").iter() {
+            let value = var.as_detached_tensor().to_device(&Device::Cpu)?;
+            tensors.push((format!("{MODEL_PREFIX}{name}"), value));
+        }
+        for (name, value) in self.optimizer.state_tensors() {
+            tensors.push((
+                format!("{OPTIMIZER_PREFIX}{name}"),
+                value.to_device(&Device::Cpu)?,
+            ));
+        }
+        Ok((state, tensors))
+    }
+
+    /// Puts back what [`Trainer::snapshot`] saved (`origin` names the file in errors).
+    pub fn restore(
+        &mut self,
+        state: &TrainerState,
+        tensors: &HashMap<String, Tensor>,
+        origin: &str,
+    ) -> std::result::Result<(), TrainError> {
+        let with_prefix = |prefix: &str| -> HashMap<String, Tensor> {
+            tensors
+                .iter()
+                .filter_map(|(name, t)| Some((name.strip_prefix(prefix)?.to_string(), t.clone())))
+                .collect()
+        };
+        checkpoint::assign(&self.varmap, &with_prefix(MODEL_PREFIX), origin)?;
+        self.optimizer
+            .restore(&with_prefix(OPTIMIZER_PREFIX), state.steps)?;
+        self.steps = state.steps;
+        self.shuffle_rng = state.shuffle_rng.clone();
+        self.augment_rng = state.augment_rng.clone();
+        self.model.dropout().set_rng(state.dropout_rng.clone());
+        Ok(())
     }
 
     pub fn parameter_count(&self) -> usize {

@@ -3,7 +3,8 @@
 //! batch, so the run's files are written and it ends `interrupted`; a second
 //! exits at once.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -63,8 +64,43 @@ pub fn stop_requested() -> Option<Signal> {
     Signal::from_number(STOP_SIGNAL.load(Ordering::Relaxed))
 }
 
+type Hook = Box<dyn Fn(Signal) + Send>;
+
+/// What must still happen when a second signal ends the process at once (a
+/// run's summary marked `interrupted`), newest first.
+static ABORT_HOOKS: Mutex<Vec<(u64, Hook)>> = Mutex::new(Vec::new());
+static NEXT_HOOK: AtomicU64 = AtomicU64::new(0);
+
+/// Keeps a hook registered with [`on_abort`] until dropped.
+pub struct AbortHook(u64);
+
+impl Drop for AbortHook {
+    fn drop(&mut self) {
+        let mut hooks = ABORT_HOOKS.lock().unwrap_or_else(|e| e.into_inner());
+        hooks.retain(|(id, _)| *id != self.0);
+    }
+}
+
+/// Registers `hook` to run if a second signal ends the process before the
+/// returned guard is dropped.
+pub fn on_abort(hook: impl Fn(Signal) + Send + 'static) -> AbortHook {
+    let id = NEXT_HOOK.fetch_add(1, Ordering::Relaxed);
+    let mut hooks = ABORT_HOOKS.lock().unwrap_or_else(|e| e.into_inner());
+    hooks.push((id, Box::new(hook)));
+    AbortHook(id)
+}
+
+/// Runs the registered hooks, newest first, then exits with 128 + the signal number.
+fn abort(signal: Signal) -> ! {
+    let hooks = ABORT_HOOKS.lock().unwrap_or_else(|e| e.into_inner());
+    for (_, hook) in hooks.iter().rev() {
+        hook(signal);
+    }
+    std::process::exit(signal.exit_code().into());
+}
+
 /// Handles SIGINT and SIGTERM on a thread of their own: the first requests a
-/// stop, a second exits with 128 + its number.
+/// stop, a second runs the abort hooks and exits with 128 + its number.
 pub fn install_handlers() -> std::io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
@@ -75,7 +111,7 @@ pub fn install_handlers() -> std::io::Result<()> {
                     continue;
                 };
                 if request_stop(signal) {
-                    std::process::exit(signal.exit_code().into());
+                    abort(signal);
                 }
                 eprintln!("{signal}: stopping after this batch (again to quit at once)");
             }

@@ -34,3 +34,24 @@ pub fn host_description() -> Option<String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Some(format!("{model}, {cores} cores"))
 }
+
+/// This machine's network name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether a process with this id runs on this machine. Where `/proc` is missing
+/// every process is taken as alive, so no run is wrongly called stale.
+pub fn process_alive(pid: u32) -> bool {
+    let proc = std::path::Path::new("/proc");
+    !proc.is_dir() || proc.join(pid.to_string()).exists()
+}
+
+/// The time now, UTC, as RFC 3339 to the second.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

@@ -159,7 +159,7 @@ pub fn execute(
             }
         };
         entry.status = status;
-        if status == Status::Failed {
+        if matches!(status, Status::Failed | Status::Diverged) {
             failed += 1;
             tracing::error!(
                 run = %entry.name,

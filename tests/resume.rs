@@ -1,0 +1,217 @@
+//! Nothing lost: a run stopped by SIGTERM or killed outright continues with
+//! `mnist-lab resume` and ends exactly as a run never stopped; a diverging run
+//! stops as `diverged`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mnist_lab::run::metrics::read_metrics;
+use mnist_lab::run::rundir::{self, Status, Summary};
+
+mod common;
+use common::{assert_success, mnist_dir, run_binary};
+
+/// LeNet5 with every source of randomness on (shuffle, shift augmentation,
+/// dropout) and every kind of state (Adam moments, BatchNorm statistics), on
+/// 4,000 images: a few tenths of a second per epoch.
+const EVERY_STATE: &str = "[model]\nbatch_norm = true\ndropout = 0.2\n\
+    [data]\ntrain_size = 4000\nvalidation_size = 1000\ntest_size = 1000\naugment_shift = 2\n\
+    [optimizer]\nkind = \"adam\"\n[schedule]\nkind = \"cosine\"\n[train]\nepochs = 5\n";
+
+fn write_config(dir: &Path) -> String {
+    let path = dir.join("every_state.toml");
+    std::fs::write(&path, EVERY_STATE).unwrap();
+    path.display().to_string()
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mnist-lab"))
+        .args(args)
+        .env("MNIST_DIR", mnist_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts")
+}
+
+/// The one run directory under `runs`, once it exists.
+fn only_run(runs: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+fn summary(run: &Path) -> Summary {
+    rundir::read_summary(&run.join(rundir::SUMMARY_FILE)).unwrap()
+}
+
+/// Waits until the run under `runs` has completed `epochs` epochs.
+fn wait_for_epochs(runs: &Path, epochs: usize) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let run = std::fs::read_dir(runs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|e| e.unwrap().path());
+        if let Some(run) = run
+            && rundir::read_summary(&run.join(rundir::SUMMARY_FILE))
+                .is_ok_and(|s| s.epochs_completed >= epochs)
+        {
+            return run;
+        }
+        assert!(Instant::now() < deadline, "no epoch {epochs} in time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// metrics.csv without the timing columns, which differ between any two runs.
+fn learned_metrics(run: &Path) -> Vec<[f64; 6]> {
+    read_metrics(&run.join(rundir::METRICS_FILE))
+        .unwrap()
+        .iter()
+        .map(|m| {
+            [
+                m.epoch as f64,
+                m.train_loss,
+                m.train_acc,
+                m.val_loss,
+                m.val_acc,
+                m.lr,
+            ]
+        })
+        .collect()
+}
+
+fn bytes(path: PathBuf) -> Vec<u8> {
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn sigterm_then_resume_ends_exactly_as_a_run_never_stopped() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(work.path());
+    let straight_runs = work.path().join("straight");
+    let stopped_runs = work.path().join("stopped");
+    let straight = run_binary(&[
+        "run",
+        &config,
+        "--runs-dir",
+        straight_runs.to_str().unwrap(),
+    ]);
+    assert_success(&straight);
+    let straight = only_run(&straight_runs);
+
+    let child = spawn(&["run", &config, "--runs-dir", stopped_runs.to_str().unwrap()]);
+    let stopped = wait_for_epochs(&stopped_runs, 2);
+    signal(&child, "-TERM");
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(143), "SIGTERM exits 143");
+    let interrupted = summary(&stopped);
+    assert_eq!(interrupted.status, Status::Interrupted);
+    assert!((2..5).contains(&interrupted.epochs_completed));
+    assert_eq!(
+        learned_metrics(&stopped).len(),
+        interrupted.epochs_completed,
+        "metrics.csv holds every completed epoch"
+    );
+
+    let resumed = run_binary(&["resume", stopped.to_str().unwrap()]);
+    assert_success(&resumed);
+    let after = summary(&stopped);
+    assert_eq!(after.status, Status::Completed);
+    assert_eq!(after.epochs_completed, 5);
+    assert_eq!(after.resumed_at.len(), 1);
+    assert_eq!(learned_metrics(&stopped), learned_metrics(&straight));
+    for file in [rundir::LAST_CHECKPOINT, rundir::BEST_CHECKPOINT] {
+        assert!(
+            bytes(stopped.join(file)) == bytes(straight.join(file)),
+            "{file} differs from the uninterrupted run's"
+        );
+    }
+    assert_eq!(after.test_acc, summary(&straight).test_acc);
+
+    // A finished run is extended with more epochs, and refuses other changes.
+    let again = run_binary(&["resume", stopped.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("train.epochs="));
+    let changed = run_binary(&[
+        "resume",
+        stopped.to_str().unwrap(),
+        "--set",
+        "optimizer.lr=1",
+    ]);
+    assert_eq!(changed.status.code(), Some(2));
+    let longer = run_binary(&[
+        "resume",
+        stopped.to_str().unwrap(),
+        "--set",
+        "train.epochs=6",
+    ]);
+    assert_success(&longer);
+    assert_eq!(learned_metrics(&stopped).len(), 6);
+}
+
+#[test]
+fn a_killed_run_shows_as_stale_and_resume_finishes_it() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(work.path());
+    let runs = work.path().join("runs");
+    let mut child = spawn(&["run", &config, "--runs-dir", runs.to_str().unwrap()]);
+    let run = wait_for_epochs(&runs, 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(summary(&run).epochs_completed < 5, "killed before the end");
+
+    let listing = run_binary(&["runs", runs.to_str().unwrap()]);
+    assert_success(&listing);
+    assert!(String::from_utf8_lossy(&listing.stdout).contains("stale"));
+
+    let resumed = run_binary(&["resume", run.to_str().unwrap()]);
+    assert_success(&resumed);
+    let after = summary(&run);
+    assert_eq!(
+        (after.status, after.epochs_completed),
+        (Status::Completed, 5)
+    );
+    assert_eq!(learned_metrics(&run).len(), 5);
+}
+
+#[test]
+fn an_exploding_learning_rate_stops_the_run_as_diverged() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(work.path());
+    let runs = work.path().join("runs");
+    let output = run_binary(&[
+        "run",
+        &config,
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--set",
+        "optimizer.kind=\"sgd\"",
+        "--set",
+        "optimizer.lr=1e9",
+        "--set",
+        "model.batch_norm=false",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("diverged") && stderr.contains("optimizer.lr"),
+        "{stderr}"
+    );
+    let run = only_run(&runs);
+    assert_eq!(summary(&run).status, Status::Diverged);
+}
