@@ -192,26 +192,132 @@ fn a_killed_run_shows_as_stale_and_resume_finishes_it() {
 #[test]
 fn an_exploding_learning_rate_stops_the_run_as_diverged() {
     let work = tempfile::tempdir().unwrap();
-    let config = write_config(work.path());
+    let config = work.path().join("plain.toml");
+    let plain = "[data]\ntrain_size = 4000\nvalidation_size = 1000\ntest_size = 1000\n\
+                 [train]\nepochs = 4\n";
+    std::fs::write(&config, plain).unwrap();
     let runs = work.path().join("runs");
-    let output = run_binary(&[
-        "run",
-        &config,
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--set",
-        "optimizer.kind=\"sgd\"",
-        "--set",
-        "optimizer.lr=1e9",
-        "--set",
-        "model.batch_norm=false",
-    ]);
+    let run = |lr: &str, warmup: &str| {
+        let lr = format!("optimizer.lr={lr}");
+        let warmup = format!("schedule.warmup_epochs={warmup}");
+        let (config, runs) = (config.to_str().unwrap(), runs.to_str().unwrap());
+        let args = [
+            "run",
+            config,
+            "--runs-dir",
+            runs,
+            "--set",
+            &lr,
+            "--set",
+            &warmup,
+        ];
+        run_binary(&args)
+    };
+    // A rate warming up to 5 trains one epoch, then blows up.
+    let output = run("5", "4");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("diverged") && stderr.contains("optimizer.lr"),
+        stderr.contains("diverged") && stderr.contains("optimizer.lr (now 5)"),
         "{stderr}"
     );
-    let run = only_run(&runs);
-    assert_eq!(summary(&run).status, Status::Diverged);
+    assert!(stderr.contains("at epoch 2"), "{stderr}");
+    let diverged = only_run(&runs);
+    let s = summary(&diverged);
+    assert_eq!((s.status, s.epochs_completed), (Status::Diverged, 1));
+    assert!(
+        diverged.join(rundir::LAST_CHECKPOINT).is_file(),
+        "the last good epoch is kept"
+    );
+    // Diverging in the first epoch leaves nothing behind.
+    std::fs::remove_dir_all(&diverged).unwrap();
+    let output = run("1e9", "0");
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 0);
+}
+
+#[test]
+fn an_interrupted_sweep_continues_without_redoing_a_run() {
+    let work = tempfile::tempdir().unwrap();
+    let grid = work.path().join("grid.toml");
+    std::fs::write(
+        &grid,
+        "[data]\ntrain_size = 4000\nvalidation_size = 1000\ntest_size = 1000\n\
+         [train]\nepochs = 3\n[sweep]\n\"optimizer.lr\" = [0.01, 0.02, 0.03]\n",
+    )
+    .unwrap();
+    let runs = work.path().join("runs");
+    let record_dir = work.path().join("record");
+    let record_path = record_dir.join("sweep.json");
+    let args = [
+        "sweep",
+        grid.to_str().unwrap(),
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--resume",
+        record_dir.to_str().unwrap(),
+    ];
+    let child = spawn(&args);
+    // Stop the sweep once its second run has completed an epoch.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let second_run_dir = mnist_lab::run::sweep::SweepRecord::read(&record_path)
+            .ok()
+            .and_then(|r| r.runs[1].run_dir.clone());
+        if second_run_dir.is_some_and(|dir| {
+            rundir::read_summary(&dir.join(rundir::SUMMARY_FILE))
+                .is_ok_and(|s| s.epochs_completed >= 1)
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second run never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&child, "-TERM");
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(143));
+    let stopped = mnist_lab::run::sweep::SweepRecord::read(&record_path).unwrap();
+    let statuses: Vec<Status> = stopped.runs.iter().map(|r| r.status).collect();
+    assert_eq!(statuses[0], Status::Completed);
+    assert!(
+        matches!(statuses[1], Status::Interrupted | Status::Completed),
+        "{statuses:?}"
+    );
+    let first_run = stopped.runs[0].run_dir.clone().unwrap();
+    let first_before = summary(&first_run);
+
+    // The same command line continues it: nothing is redone.
+    let output = run_binary(&args);
+    assert_success(&output);
+    let record = mnist_lab::run::sweep::SweepRecord::read(&record_path).unwrap();
+    assert!(record.runs.iter().all(|r| r.status == Status::Completed));
+    assert_eq!(
+        std::fs::read_dir(&runs).unwrap().count(),
+        3,
+        "one directory per run"
+    );
+    assert_eq!(
+        summary(&first_run),
+        first_before,
+        "the completed run was left alone"
+    );
+    for entry in &record.runs {
+        let run = summary(entry.run_dir.as_ref().unwrap());
+        assert_eq!(run.epochs_completed, 3);
+        assert_eq!(learned_metrics(entry.run_dir.as_ref().unwrap()).len(), 3);
+    }
+}
+
+#[test]
+fn a_run_stopped_before_its_first_epoch_leaves_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(work.path());
+    let runs = work.path().join("runs");
+    let child = spawn(&["run", &config, "--runs-dir", runs.to_str().unwrap()]);
+    // Data loading and the first epoch take most of a second.
+    std::thread::sleep(Duration::from_millis(150));
+    signal(&child, "-TERM");
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let left = std::fs::read_dir(&runs).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "no run directory without a completed epoch");
 }

@@ -11,11 +11,13 @@ use crate::util::interrupt;
 
 mod bench;
 mod inspect;
+mod sweep;
 mod train;
 
 use bench::BenchArgs;
 use inspect::{CompareArgs, EvalArgs, PredictArgs, ReportArgs, RunsArgs};
-use train::{ResumeArgs, RunArgs, SweepArgs};
+use sweep::SweepArgs;
+use train::{ResumeArgs, RunArgs};
 
 #[derive(Parser)]
 #[command(

@@ -49,6 +49,16 @@ impl RunOutcome {
 /// outcome is returned and its summary says whether the run `completed`, `failed`
 /// (and why) or was `interrupted`.
 pub fn run(config: &Config, runs_dir: &Path) -> Result<RunOutcome, RunError> {
+    run_telling(config, runs_dir, |_| {})
+}
+
+/// [`run`], telling `created` the run directory as soon as it exists (a sweep
+/// records it, so that a sweep killed mid-run can resume that run).
+pub fn run_telling(
+    config: &Config,
+    runs_dir: &Path,
+    created: impl FnOnce(&Path),
+) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     system::release_freed_memory();
     system::reset_peak_rss();
@@ -56,7 +66,9 @@ pub fn run(config: &Config, runs_dir: &Path) -> Result<RunOutcome, RunError> {
     let data = load_data(config, &device, started)?;
     let mut trainer = Trainer::new(&config.train_setup(), data.side, &device)?;
     let run = RunDir::create(runs_dir, &config.name)?;
-    let record = RunRecord::start(run, config, &trainer, &device)?;
+    let record =
+        RunRecord::start(run.clone(), config, &trainer, &device).inspect_err(|_| run.remove())?;
+    created(&record.run.path);
     train_and_test(&mut trainer, &data, record, started)
 }
 
@@ -134,6 +146,14 @@ fn train_and_test(
 ) -> Result<RunOutcome, RunError> {
     let test = train_epochs(trainer, data, &mut record)
         .and_then(|()| test_best_epoch(trainer, &record.run, data));
+    let test = match test {
+        // A run that completed no epoch has nothing to keep: it leaves no directory.
+        Err(error) if record.epochs_done() == 0 => {
+            record.run.remove();
+            return Err(error);
+        }
+        test => test,
+    };
     let (run, summary) = record.finish(test, started.elapsed().as_secs_f64())?;
     Ok(RunOutcome {
         dir: run.path,

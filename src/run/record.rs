@@ -134,6 +134,8 @@ pub struct RunRecord {
     pub summary: Summary,
     history: Vec<EpochMetrics>,
     recorders: Vec<Box<dyn Recorder>>,
+    /// `optimizer.lr`, which a divergence error says to lower.
+    peak_lr: f64,
     /// Wall time of the run's earlier sessions (before a resume).
     earlier_wall_secs: f64,
     /// When this session started recording, for the wall time after each epoch.
@@ -218,6 +220,7 @@ impl RunRecord {
         let abort = abort_hook(run.clone(), Arc::clone(&written));
         Ok(RunRecord {
             run,
+            peak_lr: config.optimizer.lr(),
             earlier_wall_secs: summary.wall_secs,
             session_start: std::time::Instant::now(),
             summary,
@@ -244,7 +247,7 @@ impl RunRecord {
     /// diverged epoch (non-finite validation loss) stops the run unrecorded.
     pub fn epoch_end(&mut self, metrics: EpochMetrics, trainer: &Trainer) -> Result<(), RunError> {
         metrics.log();
-        if let Some(diverged) = divergence(&metrics, self.history.first()) {
+        if let Some(diverged) = divergence(&metrics, self.history.first(), self.peak_lr) {
             return Err(diverged.into());
         }
         let improved = self
@@ -329,6 +332,10 @@ fn abort_hook(run: RunDir, written: Arc<Mutex<Summary>>) -> AbortHook {
         if summary.status != Status::Running {
             return; // the run had already ended and said how
         }
+        if summary.epochs_completed == 0 {
+            run.remove(); // nothing worth keeping, as when the first signal stops it
+            return;
+        }
         summary.status = Status::Interrupted;
         summary.error = Some(format!("stopped at once by a second {signal}"));
         summary.touch();
@@ -342,7 +349,11 @@ const DIVERGED_LOSS: f64 = 10.0 * std::f64::consts::LN_10;
 
 /// Why an epoch's figures say training diverged, if they do: a loss that is not
 /// finite, above [`DIVERGED_LOSS`], or ten times the first epoch's.
-fn divergence(metrics: &EpochMetrics, first: Option<&EpochMetrics>) -> Option<TrainError> {
+fn divergence(
+    metrics: &EpochMetrics,
+    first: Option<&EpochMetrics>,
+    peak_lr: f64,
+) -> Option<TrainError> {
     let losses = [
         ("training", metrics.train_loss, first.map(|f| f.train_loss)),
         ("validation", metrics.val_loss, first.map(|f| f.val_loss)),
@@ -353,7 +364,7 @@ fn divergence(metrics: &EpochMetrics, first: Option<&EpochMetrics>) -> Option<Tr
             epoch: metrics.epoch,
             what,
             loss,
-            lr: metrics.lr,
+            lr: peak_lr,
         })
     })
 }
@@ -404,15 +415,15 @@ mod tests {
     #[test]
     fn divergence_is_a_loss_not_finite_too_high_or_ten_times_the_first() {
         let first = epoch(1, 0.5, 0.4);
-        assert!(divergence(&first, None).is_none());
-        assert!(divergence(&epoch(2, 0.3, 0.2), Some(&first)).is_none());
-        assert!(divergence(&epoch(2, f64::NAN, 0.2), Some(&first)).is_some());
+        assert!(divergence(&first, None, 0.5).is_none());
+        assert!(divergence(&epoch(2, 0.3, 0.2), Some(&first), 0.5).is_none());
+        assert!(divergence(&epoch(2, f64::NAN, 0.2), Some(&first), 0.5).is_some());
         assert!(
-            divergence(&epoch(1, 30.0, 0.2), None).is_some(),
+            divergence(&epoch(1, 30.0, 0.2), None, 0.5).is_some(),
             "above 10 ln 10"
         );
         let Some(TrainError::Diverged { what, lr, .. }) =
-            divergence(&epoch(3, 0.3, 4.5), Some(&first))
+            divergence(&epoch(3, 0.3, 4.5), Some(&first), 0.5)
         else {
             panic!("ten times the first validation loss is divergence");
         };

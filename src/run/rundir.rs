@@ -144,6 +144,14 @@ impl RunDir {
         }
     }
 
+    /// Deletes the directory of a run that has nothing worth keeping (it
+    /// completed no epoch); a directory that will not go is left as it is.
+    pub fn remove(&self) {
+        if let Err(error) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(dir = %self.path.display(), %error, "cannot remove the run directory");
+        }
+    }
+
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }

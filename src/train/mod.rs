@@ -27,13 +27,14 @@ pub enum TrainError {
     Interrupted(Signal),
     #[error(
         "{what} loss is {loss} at epoch {epoch}: training diverged; lower optimizer.lr \
-         (the rate was {lr}) and run again, or resume from the last good epoch"
+         (now {lr}) and run again"
     )]
     Diverged {
         epoch: usize,
         /// `training` or `validation`.
         what: &'static str,
         loss: f64,
+        /// The configured (peak) learning rate.
         lr: f64,
     },
 }

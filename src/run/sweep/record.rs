@@ -1,14 +1,16 @@
 //! `sweep.json`, the record of a sweep, and running a sweep's runs in turn.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::run::rundir::Status;
+use crate::run::resume;
+use crate::run::rundir::{self, Status, Summary};
 use crate::run::sweep::{PlannedRun, Shard, SweepError};
 use crate::run::{RunError, experiment};
 use crate::util::fsio::{FileError, create_unique_dir, read_text, write_atomic};
-use crate::util::interrupt;
+use crate::util::interrupt::{self, AbortHook};
 use crate::util::table::{Table, percent};
 
 pub const RECORD_FILE: &str = "sweep.json";
@@ -23,6 +25,9 @@ pub struct SweepRecord {
     pub shard: Option<String>,
     /// Runs in the whole expanded sweep, all shards together.
     pub total_runs: usize,
+    /// Where the runs' directories go, kept so a continued sweep puts the rest there too.
+    #[serde(default)]
+    pub runs_dir: Option<PathBuf>,
     pub runs: Vec<SweepEntry>,
 }
 
@@ -50,6 +55,7 @@ impl SweepRecord {
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             shard: shard.map(|s| s.to_string()),
             total_runs,
+            runs_dir: None,
             runs: runs.iter().map(SweepEntry::pending).collect(),
         }
     }
@@ -112,20 +118,113 @@ impl SweepEntry {
     }
 }
 
+/// What a sweep does with one of its runs, from what its record says.
+enum Step {
+    /// Completed or diverged: an outcome, not an accident.
+    Skip,
+    /// Pending, or stopped before its run directory held a training state.
+    Start,
+    /// Stopped (interrupted, failed, stale) after at least one epoch.
+    Resume(PathBuf),
+}
+
+/// Decides a run's step, taking the run directory's own summary over the
+/// record's where they differ (a sweep killed between the two writes).
+fn next_step(entry: &mut SweepEntry) -> Step {
+    match entry.status {
+        Status::Pending => return Step::Start,
+        Status::Completed | Status::Diverged => return Step::Skip,
+        _ => {}
+    }
+    let Some(dir) = entry.run_dir.clone() else {
+        return Step::Start;
+    };
+    let Ok(summary) = rundir::read_summary(&dir.join(rundir::SUMMARY_FILE)) else {
+        return Step::Start;
+    };
+    match summary.effective_status() {
+        Status::Completed | Status::Diverged => {
+            entry.settle(summary);
+            Step::Skip
+        }
+        Status::Running => {
+            tracing::warn!(run = %entry.name, dir = %dir.display(), "run is live in another process; leaving it");
+            Step::Skip
+        }
+        _ if dir.join(resume::STATE_FILE).is_file() => Step::Resume(dir),
+        _ => Step::Start,
+    }
+}
+
+impl SweepEntry {
+    /// Copies a finished run's figures into the entry.
+    fn settle(&mut self, summary: Summary) {
+        self.best_val_acc = summary.best_val_acc;
+        self.test_acc = summary.test_acc;
+        self.wall_secs = Some(summary.wall_secs);
+        self.error = summary.error;
+        self.status = summary.status;
+    }
+}
+
+/// `sweep.json` on disk, and the record as last written, from which a second
+/// signal marks the run in progress `interrupted` before the process exits.
+struct RecordFile<'a> {
+    path: &'a Path,
+    written: Arc<Mutex<SweepRecord>>,
+    _abort: AbortHook,
+}
+
+impl<'a> RecordFile<'a> {
+    fn new(path: &'a Path, record: &SweepRecord) -> RecordFile<'a> {
+        let written = Arc::new(Mutex::new(record.clone()));
+        let shared = Arc::clone(&written);
+        let owned_path = path.to_path_buf();
+        let abort = interrupt::on_abort(move |_| {
+            let mut record = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for entry in &mut record.runs {
+                if entry.status == Status::Running {
+                    entry.status = Status::Interrupted;
+                }
+            }
+            let _ = record.write(&owned_path);
+        });
+        RecordFile {
+            path,
+            written,
+            _abort: abort,
+        }
+    }
+
+    fn write(&self, record: &SweepRecord) -> Result<(), FileError> {
+        record.write(self.path)?;
+        *self.written.lock().unwrap_or_else(|e| e.into_inner()) = record.clone();
+        Ok(())
+    }
+}
+
 /// Runs `runs` in turn under `runs_dir`, keeping `record` (at `record_path`)
-/// current. A failing run is recorded and the next one starts; Ctrl-C stops the
-/// sweep after the current run's files are written. Returns how many failed.
+/// current: completed runs are skipped, stopped ones resumed, the others
+/// started, so running a record again continues it. A failing run is recorded
+/// and the next one starts; Ctrl-C stops the sweep after the current run's files
+/// are written. Returns how many failed.
 pub fn execute(
     runs: &[PlannedRun],
     record: &mut SweepRecord,
     record_path: &Path,
     runs_dir: &Path,
 ) -> Result<usize, FileError> {
-    record.write(record_path)?;
+    record.runs_dir = Some(runs_dir.to_path_buf());
+    let file = RecordFile::new(record_path, record);
+    file.write(record)?;
     let mut failed = 0;
     for (position, run) in runs.iter().enumerate() {
         if interrupt::stop_requested().is_some() {
             break;
+        }
+        let step = next_step(&mut record.runs[position]);
+        if matches!(step, Step::Skip) {
+            continue;
         }
         tracing::info!(
             run = %run.config.name,
@@ -136,30 +235,28 @@ pub fn execute(
             runs.len()
         );
         record.runs[position].status = Status::Running;
-        record.write(record_path)?;
-        // A panic in one run is that run's failure, not the sweep's.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            experiment::run(&run.config, runs_dir)
-        }))
-        .unwrap_or_else(|panic| Err(RunError::Panicked(panic_message(&panic))));
+        file.write(record)?;
+        let result = run_step(step, run, runs_dir, |dir| {
+            record.runs[position].run_dir = Some(dir.to_path_buf());
+            let _ = file.write(record);
+        });
         let entry = &mut record.runs[position];
-        let status = match result {
+        match result {
             Ok(outcome) => {
-                let summary = outcome.summary;
                 entry.run_dir = Some(outcome.dir);
-                entry.best_val_acc = summary.best_val_acc;
-                entry.test_acc = summary.test_acc;
-                entry.wall_secs = Some(summary.wall_secs);
-                entry.error = summary.error;
-                summary.status
+                entry.settle(outcome.summary);
             }
             Err(error) => {
+                // The run left no directory (it completed no epoch).
+                entry.run_dir = None;
                 entry.error = Some(format!("{error:#}"));
-                Status::Failed
+                entry.status = match error.interruption() {
+                    Some(_) => Status::Interrupted,
+                    None => Status::Failed,
+                };
             }
-        };
-        entry.status = status;
-        if matches!(status, Status::Failed | Status::Diverged) {
+        }
+        if matches!(entry.status, Status::Failed | Status::Diverged) {
             failed += 1;
             tracing::error!(
                 run = %entry.name,
@@ -167,9 +264,23 @@ pub fn execute(
                 "sweep run failed; going on with the next"
             );
         }
-        record.write(record_path)?;
+        file.write(record)?;
     }
     Ok(failed)
+}
+
+/// Starts or resumes one run; a panic in it is that run's failure, not the sweep's.
+fn run_step(
+    step: Step,
+    run: &PlannedRun,
+    runs_dir: &Path,
+    created: impl FnOnce(&Path),
+) -> Result<experiment::RunOutcome, RunError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match step {
+        Step::Resume(dir) => experiment::resume(&dir, &[]),
+        _ => experiment::run_telling(&run.config, runs_dir, created),
+    }))
+    .unwrap_or_else(|panic| Err(RunError::Panicked(panic_message(&panic))))
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
