@@ -321,3 +321,22 @@ fn a_run_stopped_before_its_first_epoch_leaves_nothing() {
     let left = std::fs::read_dir(&runs).map_or(0, |d| d.count());
     assert_eq!(left, 0, "no run directory without a completed epoch");
 }
+
+#[test]
+fn a_second_signal_quits_at_once_and_still_marks_the_run_interrupted() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(work.path());
+    let runs = work.path().join("runs");
+    let child = spawn(&["run", &config, "--runs-dir", runs.to_str().unwrap()]);
+    let run = wait_for_epochs(&runs, 1);
+    signal(&child, "-INT");
+    signal(&child, "-INT");
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "SIGINT exits 130");
+    let s = summary(&run);
+    assert_eq!(s.status, Status::Interrupted);
+    assert!(s.epochs_completed >= 1);
+    let resumed = run_binary(&["resume", run.to_str().unwrap()]);
+    assert_success(&resumed);
+    assert_eq!(summary(&run).status, Status::Completed);
+}

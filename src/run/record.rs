@@ -270,10 +270,11 @@ impl RunRecord {
             improved,
             trainer,
         };
+        // Before the files: once summary.json counts this epoch, so must the hook.
+        *self.written.lock().unwrap_or_else(|e| e.into_inner()) = self.summary.clone();
         for recorder in &mut self.recorders {
             recorder.epoch_end(&end)?;
         }
-        *self.written.lock().unwrap_or_else(|e| e.into_inner()) = self.summary.clone();
         Ok(())
     }
 

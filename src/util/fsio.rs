@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A file-system operation that failed, with the path it was on.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +41,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
         let cause = std::io::Error::other("the path has no file name");
         return Err(FileError::new("write", path, cause));
     };
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    // A name of its own per write, so two writers of one file (a run and the
+    // signal thread marking it interrupted) never share a temporary file.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let serial = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(
+        ".{}.{}-{serial}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(bytes)?;
