@@ -38,3 +38,7 @@ bench-cuda *ARGS:
 check-cuda:
     bash scripts/check-cuda.sh
 
+
+# Property tests ("fuzzing") of the IDX reader, config and --set parsing and image decoding, at length.
+fuzz CASES="20000":
+    PROPTEST_CASES={{CASES}} cargo test --release --test fuzz

@@ -14,6 +14,10 @@ use mnist_lab::util::{interrupt, telemetry};
 static GLOBAL: MiMalloc = MiMalloc;
 
 fn main() -> ExitCode {
+    // Output piped into `head` that closes early ends the process quietly, as
+    // for any Unix tool, instead of a panic in println!.
+    // SAFETY: called first thing, before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     telemetry::init();
     // First SIGINT or SIGTERM: finish the batch, write the run's files, exit. Second: exit now.
     if let Err(error) = interrupt::install_handlers() {

@@ -5,7 +5,53 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
+use std::time::{Duration, Instant};
+
+use mnist_lab::data::download::{Patience, all_files};
 use mnist_lab::data::{self, MNIST_FILES};
+
+/// Short limits, so that a server that hangs fails the test in seconds.
+fn quick() -> Patience {
+    Patience {
+        connect: Duration::from_secs(2),
+        stall: Duration::from_millis(300),
+        per_file: Duration::from_secs(2),
+        attempts: 2,
+        backoff: Duration::from_millis(10),
+    }
+}
+
+/// A server that accepts connections, reads the request and then either
+/// says nothing, or drips one byte of a long response every 100 ms.
+fn hanging_server(drip: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/mnist/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                if drip {
+                    let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
+                    let _ = stream.write_all(head.as_bytes());
+                    for _ in 0..600 {
+                        std::thread::sleep(Duration::from_millis(100));
+                        if stream.write_all(b"x").is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    std::thread::sleep(Duration::from_secs(30));
+                }
+            });
+        }
+    });
+    base
+}
 
 fn mnist_dir() -> PathBuf {
     std::env::var_os("MNIST_DIR")
@@ -77,7 +123,7 @@ fn downloads_verifies_and_falls_back_to_the_next_mirror() {
     let target = tempfile::tempdir().unwrap();
     let dir = target.path().join("mnist");
     let mirrors = vec![dead_mirror(), serve(real_files(), 4)];
-    data::download::download_mnist(&dir, &mirrors).unwrap();
+    data::download::download_mnist(&dir, &mirrors, &all_files(), &Patience::default()).unwrap();
     for (stem, _) in MNIST_FILES {
         assert!(dir.join(format!("{stem}.gz")).is_file(), "{stem}");
     }
@@ -95,9 +141,35 @@ fn a_file_with_the_wrong_checksum_is_refused_and_nothing_is_written() {
         .iter()
         .map(|(stem, _)| (format!("{stem}.gz"), labels.clone()))
         .collect();
-    let err = data::download::download_mnist(&dir, &[serve(files, 1)])
+    let err = data::download::download_mnist(&dir, &[serve(files, 1)], &all_files(), &quick())
         .unwrap_err()
         .to_string();
     assert!(err.contains("SHA-256"), "{err}");
     assert!(!dir.exists(), "a failed download leaves no directory");
+}
+
+#[test]
+fn a_server_that_never_answers_or_drips_fails_in_bounded_time() {
+    for (drip, expected) in [
+        (false, "no data for 0.3 s"),
+        (true, "not complete within 2 s"),
+    ] {
+        let target = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let err = data::download::download_mnist(
+            &target.path().join("mnist"),
+            &[hanging_server(drip)],
+            &all_files(),
+            &quick(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(expected) && err.contains("127.0.0.1"), "{err}");
+        // Two tries of at most 2 s each, and the backoff.
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -171,11 +171,17 @@ pub fn score(log_probs: &[[f32; NUM_CLASSES]], labels: &[u8]) -> Scores {
 /// Evaluates a loaded model on the run's test set (`data.test_size` applies, as in
 /// training) and returns the figures with the raw test images.
 pub fn evaluate(model: &TrainedModel) -> Result<(Evaluation, Split)> {
-    let dir = data::locate_or_download(model.config.data.dir.as_deref())?;
-    let mnist = data::Mnist::read(&dir)?;
-    let test = mnist
-        .test
-        .select(&model.config.data.test_indices(mnist.test.len()));
+    // The folder the run read, unless the config (or an override) names one.
+    let recorded = model.run.summary.data_dir.as_deref();
+    let dir = model
+        .config
+        .data
+        .dir
+        .as_deref()
+        .or(recorded.filter(|d| d.is_dir()));
+    let dir = data::locate_or_download(dir, &data::download::TEST_FILES)?;
+    let all = data::idx::read_test(&dir)?;
+    let test = all.select(&model.config.data.test_indices(all.len()));
     let log_probs = model.log_probabilities(&test)?;
     let Scores {
         loss,

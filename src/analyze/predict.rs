@@ -34,22 +34,32 @@ pub struct Prediction {
     pub top: Vec<ClassProbability>,
 }
 
-/// Classifies each image; an unreadable image is an error naming it.
-pub fn predict(model: &TrainedModel, images: &[PathBuf]) -> Result<Vec<Prediction>> {
-    let mut split = Split {
-        images: Vec::with_capacity(images.len() * MNIST_SIDE * MNIST_SIDE),
-        labels: vec![0; images.len()],
+/// Classifies each image: a prediction, or the error that names why not (an
+/// unreadable or blank image), for every file, in order.
+pub fn predict(model: &TrainedModel, images: &[PathBuf]) -> Result<Vec<Result<Prediction>>> {
+    let loaded: Vec<Result<Vec<u8>>> = images.iter().map(|path| load_as_mnist(path)).collect();
+    let readable: Vec<&Vec<u8>> = loaded.iter().filter_map(|l| l.as_ref().ok()).collect();
+    let split = Split {
+        images: readable
+            .iter()
+            .flat_map(|pixels| pixels.iter().copied())
+            .collect(),
+        labels: vec![0; readable.len()],
     };
-    for path in images {
-        split.images.extend_from_slice(&load_as_mnist(path)?);
+    let mut log_probs = if split.is_empty() {
+        Vec::new()
+    } else {
+        model.log_probabilities(&split)?
     }
-    let log_probs = model.log_probabilities(&split)?;
+    .into_iter();
     Ok(images
         .iter()
-        .zip(log_probs)
-        .map(|(image, row)| Prediction {
-            image: image.clone(),
-            top: top_classes(&row, 3),
+        .zip(loaded)
+        .map(|(image, pixels)| {
+            pixels.map(|_| Prediction {
+                image: image.clone(),
+                top: top_classes(&log_probs.next().expect("one row per readable image"), 3),
+            })
         })
         .collect())
 }
@@ -76,11 +86,15 @@ pub fn load_as_mnist(path: &Path) -> Result<Vec<u8>> {
         reason: e.to_string(),
     })?;
     let ink = ink_of(&decoded.to_rgba8());
+    let blank = || AnalyzeError::BlankImage(path.to_path_buf());
+    if !has_ink(&ink) {
+        return Err(blank());
+    }
     let side = MNIST_SIDE as u32;
     if ink.dimensions() == (side, side) {
         return Ok(ink.into_raw());
     }
-    to_mnist_frame(&ink).ok_or_else(|| AnalyzeError::BlankImage(path.to_path_buf()))
+    to_mnist_frame(&ink).ok_or_else(blank)
 }
 
 /// Ink intensity per pixel (0 = paper), alpha composited over white and the
@@ -106,6 +120,15 @@ fn ink_of(rgba: &image::RgbaImage) -> GrayImage {
     } else {
         luminance
     }
+}
+
+/// Whether an image holds a stroke, at any size: pixels at least an eighth as
+/// bright as full ink (32 of 255) over at least 0.2% of the image, and at
+/// least 3. Paper texture and scanner noise stay below.
+fn has_ink(ink: &GrayImage) -> bool {
+    let strong = ink.pixels().filter(|p| p.0[0] >= 32).count();
+    let area = (ink.width() as usize * ink.height() as usize).max(1);
+    strong >= 3.max(area / 500)
 }
 
 /// Crops to the ink, fits it into a 20x20 box and centres its mass in 28x28;

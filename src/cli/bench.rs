@@ -16,10 +16,10 @@ pub(super) struct BenchArgs {
     #[arg(long = "batch-size", value_name = "B")]
     batch_sizes: Vec<usize>,
     /// CPU threads (0 = one per core).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = device::parse_threads)]
     threads: usize,
     /// Timed training steps per measurement.
-    #[arg(long, value_name = "N", default_value_t = 200)]
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = at_least_one)]
     steps: usize,
     /// Where the figures are written as JSON.
     #[arg(long, value_name = "FILE", default_value = "runs/bench.json")]
@@ -73,5 +73,15 @@ impl BenchArgs {
         report.write_json(&self.output)?;
         eprintln!("figures written to {}", self.output.display());
         Ok(())
+    }
+}
+
+/// `--steps N`: timing zero steps measures nothing.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "expected a whole number of at least 1, got {text:?}"
+        )),
     }
 }

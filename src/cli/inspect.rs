@@ -117,7 +117,16 @@ impl EvalArgs {
     pub(super) fn execute(self) -> anyhow::Result<()> {
         let model = self.checkpoint.load()?;
         let (evaluation, test) = evaluate::evaluate(&model)?;
-        let written = evaluate::write_files(&evaluation, &test, &model.run.summary.name)?;
+        // Files in the run directory describe the run's own test set: an
+        // evaluation of another (`--set data.test_size=...`) is printed only.
+        let own_test_set = (model.run.config.as_ref())
+            .is_none_or(|c| c.data.test_size == model.config.data.test_size);
+        let written = if own_test_set {
+            evaluate::write_files(&evaluation, &test, &model.run.summary.name)?
+        } else {
+            eprintln!("not writing eval files: data.test_size differs from the run's");
+            Vec::new()
+        };
         if self.json {
             println!("{}", serde_json::to_string_pretty(&evaluation)?);
         } else {
@@ -172,21 +181,43 @@ pub(super) struct PredictArgs {
 impl PredictArgs {
     pub(super) fn execute(self) -> anyhow::Result<()> {
         let model = self.checkpoint.load()?;
-        let predictions = predict::predict(&model, &self.images)?;
+        let results = predict::predict(&model, &self.images)?;
+        let failed = results.iter().filter(|r| r.is_err()).count();
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&predictions)?);
-            return Ok(());
-        }
-        for p in predictions {
-            let top: Vec<String> = p
-                .top
-                .iter()
-                .map(|c| format!("{} ({:.1}%)", c.class, 100.0 * c.probability))
+            // One object per image: its prediction, or its error.
+            let rows: Vec<serde_json::Value> = (self.images.iter().zip(&results))
+                .map(|(image, result)| match result {
+                    Ok(p) => serde_json::to_value(p).expect("a prediction serialises"),
+                    Err(e) => serde_json::json!({ "image": image, "error": e.to_string() }),
+                })
                 .collect();
-            println!("{}: {}", p.image.display(), top.join(", "));
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            for result in &results {
+                match result {
+                    Ok(p) => println!("{}: {}", p.image.display(), describe(p)),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            }
+        }
+        if failed > 0 {
+            anyhow::bail!(
+                "{failed} of {} images could not be classified",
+                results.len()
+            );
         }
         Ok(())
     }
+}
+
+/// `7 (98.1%), 1 (1.2%), 2 (0.3%)`.
+fn describe(prediction: &predict::Prediction) -> String {
+    let top: Vec<String> = prediction
+        .top
+        .iter()
+        .map(|c| format!("{} ({:.1}%)", c.class, 100.0 * c.probability))
+        .collect();
+    top.join(", ")
 }
 
 #[derive(Args)]

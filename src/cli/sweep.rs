@@ -22,7 +22,7 @@ pub(super) struct SweepArgs {
     #[arg(long, value_name = "DIR")]
     runs_dir: Option<PathBuf>,
     /// CPU threads for every run (default: the first run's device.threads).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = device::parse_threads)]
     threads: Option<usize>,
     /// Run only the I-th of N disjoint slices of the runs (I from 0): one per machine.
     #[arg(long, value_name = "I/N")]

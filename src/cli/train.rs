@@ -19,7 +19,7 @@ pub(super) struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "runs")]
     runs_dir: PathBuf,
     /// CPU threads (default: the config's device.threads; 0 = one per core).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = device::parse_threads)]
     threads: Option<usize>,
 }
 
@@ -58,7 +58,7 @@ pub(super) struct ResumeArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<Override>,
     /// CPU threads (default: the run's device.threads; 0 = one per core).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = device::parse_threads)]
     threads: Option<usize>,
 }
 

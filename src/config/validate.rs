@@ -24,6 +24,7 @@ impl Config {
         self.schedule
             .validate(self.optimizer.lr(), self.train.epochs)?;
         self.train.validate()?;
+        self.device.validate()?;
         if self.model.kind == ModelKind::Lenet5 && !self.data.pad_to_32 {
             return invalid(
                 "data.pad_to_32",

@@ -1,9 +1,11 @@
 //! Reading MNIST's IDX files (gzip or raw) and checking their structure.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
-use crate::data::download::{MNIST_FILES, sha256_hex};
+use sha2::{Digest, Sha256};
+
+use crate::data::download::MNIST_FILES;
 use crate::data::{DataError, MNIST_SIDE, NUM_CLASSES, Result};
 use crate::util::fsio::FileError;
 
@@ -14,73 +16,148 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-/// Parses IDX bytes (already decompressed). `path` only names the file in errors.
-pub fn parse_idx(mut bytes: Vec<u8>, path: &Path) -> Result<IdxArray> {
+/// The most data an IDX file may declare: MNIST's largest holds 47 MB, and a
+/// header that claims gigabytes must fail before anything that size is allocated.
+pub const MAX_IDX_BYTES: usize = 256 << 20;
+
+/// Parses IDX bytes (already decompressed). `path` only names the file in errors;
+/// `expected_rank` (3 for images, 1 for labels), when given, is part of the magic
+/// number the file must start with.
+pub fn parse_idx(bytes: &[u8], path: &Path, expected_rank: Option<u8>) -> Result<IdxArray> {
+    read_idx(bytes, path, expected_rank).map(|(array, _)| array)
+}
+
+/// Reads an IDX array from `reader` (the file's bytes, decompressed): the header
+/// first, then exactly as many data bytes as it declares, once that size is
+/// known to be sane. Returns the array and the SHA-256 of all the bytes read.
+pub fn read_idx(
+    mut reader: impl Read,
+    path: &Path,
+    expected_rank: Option<u8>,
+) -> Result<(IdxArray, String)> {
     let bad = |reason: String| DataError::BadIdx {
         path: path.to_path_buf(),
         reason,
     };
-    if bytes.len() < 4 {
-        return Err(bad(format!(
-            "{} bytes is too short for a header",
-            bytes.len()
-        )));
+    let io_error = |e: std::io::Error| DataError::File(FileError::new("read", path, e));
+    let mut hasher = Sha256::new();
+    let mut magic = [0u8; 4];
+    let got = read_up_to(&mut reader, &mut magic).map_err(io_error)?;
+    if got < 4 {
+        return Err(bad(format!("{got} bytes is too short for a header")));
     }
-    // Magic: two zero bytes, the element type (0x08 = unsigned byte), the rank.
-    if bytes[0] != 0 || bytes[1] != 0 {
-        return Err(bad(format!(
-            "magic number starts {:02x} {:02x}, expected 00 00",
-            bytes[0], bytes[1]
-        )));
-    }
-    if bytes[2] != 0x08 {
-        return Err(bad(format!(
-            "element type 0x{:02x}, expected 0x08 (unsigned byte)",
-            bytes[2]
-        )));
-    }
-    let rank = bytes[3] as usize;
-    if rank == 0 {
-        return Err(bad("rank 0, expected at least 1 dimension".into()));
-    }
-    let header_len = 4 + 4 * rank;
-    if bytes.len() < header_len {
+    hasher.update(magic);
+    let rank = check_magic(magic, expected_rank).map_err(bad)?;
+    let mut dims_bytes = vec![0u8; 4 * rank];
+    let got = read_up_to(&mut reader, &mut dims_bytes).map_err(io_error)?;
+    if got < dims_bytes.len() {
         return Err(bad(format!(
             "{} bytes is too short for a rank-{rank} header",
-            bytes.len()
+            4 + got
         )));
     }
-    let dims: Vec<usize> = bytes[4..header_len]
+    hasher.update(&dims_bytes);
+    let dims: Vec<usize> = dims_bytes
         .chunks_exact(4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .collect();
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
-    let actual = bytes.len() - header_len;
-    if actual != expected {
+        .filter(|&n| n <= MAX_IDX_BYTES)
+        .ok_or_else(|| {
+            bad(format!(
+                "dimensions {dims:?} declare more than {} MiB of data",
+                MAX_IDX_BYTES >> 20
+            ))
+        })?;
+    // One byte more than declared tells a file that is too long.
+    let mut data = Vec::with_capacity(expected + 1);
+    reader
+        .take(expected as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(io_error)?;
+    if data.len() != expected {
+        let actual = if data.len() > expected {
+            "more than that".to_string()
+        } else {
+            data.len().to_string()
+        };
         return Err(bad(format!(
             "dimensions {dims:?} need {expected} data bytes, the file has {actual}"
         )));
     }
-    // Drop the header in place: the data is most of a 47 MB file, not worth a copy.
-    bytes.drain(..header_len);
-    Ok(IdxArray { dims, data: bytes })
+    hasher.update(&data);
+    let sha = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((IdxArray { dims, data }, sha))
 }
 
-/// Reads a file, decompressing it when it starts with the gzip magic bytes.
-pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(FileError::on("read", path))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(FileError::on("decompress", path))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+/// Checks the magic number (two zero bytes, element type 0x08 for unsigned
+/// bytes, the rank) and returns the rank.
+fn check_magic(magic: [u8; 4], expected_rank: Option<u8>) -> std::result::Result<usize, String> {
+    let expected = match expected_rank {
+        Some(rank) => format!("0x000008{rank:02x}"),
+        None => "0x000008NN".into(),
+    };
+    let found = u32::from_be_bytes(magic);
+    let wrong = |what: &str| format!("magic number 0x{found:08x}, expected {expected} ({what})");
+    if magic[0] != 0 || magic[1] != 0 {
+        return Err(wrong("an IDX file starts with two zero bytes"));
     }
+    if magic[2] != 0x08 {
+        return Err(wrong("element type 0x08, unsigned bytes"));
+    }
+    let rank = magic[3];
+    if rank == 0 || expected_rank.is_some_and(|r| r != rank) {
+        return Err(wrong(match expected_rank {
+            Some(3) => "rank 3: n images of 28x28",
+            Some(1) => "rank 1: n labels",
+            _ => "rank at least 1",
+        }));
+    }
+    Ok(rank as usize)
+}
+
+/// Fills as much of `buf` as the reader has; returns how much.
+fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Opens a file for reading, through a gzip decoder when it starts with the
+/// gzip magic bytes.
+pub fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read>> {
+    let open_error = |e| DataError::File(FileError::new("read", path, e));
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(open_error)?);
+    let gzip = file
+        .fill_buf()
+        .map_err(open_error)?
+        .starts_with(&[0x1f, 0x8b]);
+    Ok(if gzip {
+        Box::new(flate2::bufread::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    })
+}
+
+/// Reads a whole file, decompressed, up to [`MAX_IDX_BYTES`] plus a header.
+pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open_maybe_gzip(path)?
+        .take(MAX_IDX_BYTES as u64 + 64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| DataError::File(FileError::new("decompress", path, e)))?;
+    Ok(bytes)
 }
 
 /// The path of `stem` in `dir`: `stem.gz` or plain `stem`, whichever exists.
@@ -172,15 +249,16 @@ pub fn read_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<Sp
 /// Reads and parses one IDX file; a hash other than MNIST's is a warning, not an
 /// error, so users' own 28x28 ten-class files train too.
 fn read_checked(path: &Path, stem: &str) -> Result<IdxArray> {
-    let bytes = read_maybe_gzip(path)?;
+    let rank = if stem.contains("images") { 3 } else { 1 };
+    let (array, sha) = read_idx(open_maybe_gzip(path)?, path, Some(rank))?;
     let expected = MNIST_FILES
         .iter()
         .find(|(s, _)| *s == stem)
         .map(|(_, sha)| *sha);
-    if expected.is_some_and(|sha| sha256_hex(&bytes) != sha) {
+    if expected.is_some_and(|expected| sha != expected) {
         tracing::warn!(file = %path.display(), "SHA-256 differs from the published MNIST file; using it anyway");
     }
-    parse_idx(bytes, path)
+    Ok(array)
 }
 
 /// The raw MNIST training and test sets.
@@ -188,6 +266,11 @@ fn read_checked(path: &Path, stem: &str) -> Result<IdxArray> {
 pub struct Mnist {
     pub train: Split,
     pub test: Split,
+}
+
+/// The test set's files, read alone where nothing else is needed (`eval`).
+pub fn read_test(dir: &Path) -> Result<Split> {
+    read_split(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 }
 
 impl Mnist {
@@ -220,7 +303,7 @@ mod tests {
     #[test]
     fn parses_a_valid_idx_file() {
         let bytes = idx_bytes(&[2, 3], &[1, 2, 3, 4, 5, 6]);
-        let array = parse_idx(bytes, Path::new("x")).unwrap();
+        let array = parse_idx(&bytes, Path::new("x"), None).unwrap();
         assert_eq!(array.dims, vec![2, 3]);
         assert_eq!(array.data, vec![1, 2, 3, 4, 5, 6]);
     }
@@ -237,13 +320,33 @@ mod tests {
             (wrong_magic, "magic"),
             (wrong_type, "element type"),
             (idx_bytes(&[2, 2], &[1, 2, 3]), "need 4 data bytes"),
-            (idx_bytes(&[2], &[1, 2, 3]), "the file has 3"),
+            (idx_bytes(&[2], &[1, 2, 3]), "the file has more"),
             (vec![0, 0, 8, 2, 0, 0], "rank-2 header"),
         ];
         for (bytes, expected) in cases {
-            let err = parse_idx(bytes.clone(), path).unwrap_err().to_string();
+            let err = parse_idx(&bytes, path, None).unwrap_err().to_string();
             assert!(err.contains("bad.idx") && err.contains(expected), "{err}");
         }
+    }
+
+    #[test]
+    fn a_labels_file_with_an_images_magic_number_says_so() {
+        let images = idx_bytes(&[1, 28, 28], &[0; 784]);
+        let err = parse_idx(&images, Path::new("labels"), Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("magic number 0x00000803, expected 0x00000801 (rank 1: n labels)"),
+            "{err}"
+        );
+        let text = b"not an IDX file at all".to_vec();
+        let err = parse_idx(&text, Path::new("t"), Some(3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("magic number 0x6e6f7420, expected 0x00000803"),
+            "{err}"
+        );
     }
 
     fn write_split(

@@ -120,7 +120,7 @@ pub enum DataError {
     },
     #[error(
         "MNIST not found in {searched} and the download failed: {reason}\n\
-         Put the four IDX files (.gz or raw) in one of those directories, or set MNIST_DIR."
+         Put the four IDX files (.gz or raw) in {searched}, or set data.dir or MNIST_DIR."
     )]
     Download {
         searched: String,
@@ -155,7 +155,7 @@ impl Datasets {
     /// Finds (or downloads) MNIST, splits off the seeded validation set and prepares
     /// every split as tensors on `device`.
     pub fn load(config: &DataConfig, seed: u64, device: &Device) -> Result<Datasets> {
-        let dir = locate_or_download(config.dir.as_deref())?;
+        let dir = locate_or_download(config.dir.as_deref(), &download::all_files())?;
         let mnist = Mnist::read(&dir)?;
         Datasets::prepare(&mnist, config, seed, device, dir)
     }
@@ -181,6 +181,13 @@ impl Datasets {
         let train_len = config
             .train_size
             .map_or(train_idx.len(), |s| s.min(train_idx.len()));
+        if config.train_size.is_some_and(|asked| asked > train_len) {
+            tracing::warn!(
+                train_size = config.train_size,
+                available = train_len,
+                "data.train_size is more than the training images left after validation; using all of them"
+            );
+        }
         let test_idx = config.test_indices(mnist.test.len());
         let to_tensors = |split: &Split, indices: &[usize]| {
             prepare::tensors(split, indices, config, device).map_err(DataError::Tensors)

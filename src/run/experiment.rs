@@ -60,14 +60,15 @@ pub fn run_telling(
     created: impl FnOnce(&Path),
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
+    crate::util::fsio::check_can_hold_dirs(runs_dir)?;
     system::release_freed_memory();
     system::reset_peak_rss();
     let device = device::select(config.device.kind)?;
     let data = load_data(config, &device, started)?;
     let mut trainer = Trainer::new(&config.train_setup(), data.side, &device)?;
     let run = RunDir::create(runs_dir, &config.name)?;
-    let record =
-        RunRecord::start(run.clone(), config, &trainer, &device).inspect_err(|_| run.remove())?;
+    let record = RunRecord::start(run.clone(), config, &trainer, &data.dir, &device)
+        .inspect_err(|_| run.remove())?;
     created(&record.run.path);
     train_and_test(&mut trainer, &data, record, started)
 }

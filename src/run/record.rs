@@ -3,6 +3,7 @@
 //! about every epoch's end through one small interface, so a new output (or a
 //! policy such as resuming) is a new recorder, not an edit of the training loop.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
@@ -152,10 +153,12 @@ impl RunRecord {
         run: RunDir,
         config: &Config,
         trainer: &Trainer,
+        data_dir: &Path,
         device: &Device,
     ) -> Result<RunRecord, RunError> {
         let capture = EventCapture::start();
-        let summary = initial_summary(config, trainer, device);
+        let mut summary = initial_summary(config, trainer, device);
+        summary.data_dir = Some(std::path::absolute(data_dir).unwrap_or(data_dir.to_path_buf()));
         tracing::info!(
             run_dir = %run.path.display(),
             model = %config.model.kind,
@@ -395,6 +398,7 @@ fn initial_summary(config: &Config, trainer: &Trainer, device: &Device) -> Summa
         hostname: None,
         pid: None,
         updated_at: None,
+        data_dir: None,
         resumed_at: Vec::new(),
     }
 }

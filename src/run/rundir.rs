@@ -99,6 +99,9 @@ pub struct Summary {
     pub pid: Option<u32>,
     #[serde(default)]
     pub updated_at: Option<String>,
+    /// The MNIST folder the run read; `eval` and `predict` look there first.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     /// When the run was resumed, once per resume.
     #[serde(default)]
     pub resumed_at: Vec<String>,

@@ -4,6 +4,8 @@ use candle_core::Device;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::util::invalid::InvalidField;
+
 /// `[device]`: where the tensors live.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -12,6 +14,41 @@ pub struct DeviceConfig {
     pub kind: DeviceSpec,
     /// CPU threads (0 = one per core).
     pub threads: usize,
+}
+
+impl DeviceConfig {
+    /// Range checks of the `[device]` fields.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        check_threads(self.threads).map_err(|message| InvalidField {
+            key: "device.threads".into(),
+            message,
+        })
+    }
+}
+
+/// More threads than this per core only slows training down (and thousands
+/// take minutes to create).
+const MAX_THREADS_PER_CORE: usize = 4;
+
+/// A thread count is 0 (one per core) or at most four per core.
+pub fn check_threads(threads: usize) -> Result<(), String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let most = MAX_THREADS_PER_CORE * cores;
+    if threads > most {
+        return Err(format!(
+            "{threads} threads on {cores} cores: expected 0 (one per core) up to {most}"
+        ));
+    }
+    Ok(())
+}
+
+/// `--threads N` on the command line: checked as `device.threads` is.
+pub fn parse_threads(text: &str) -> Result<usize, String> {
+    let threads: usize = text
+        .parse()
+        .map_err(|_| format!("expected a whole number, got {text:?}"))?;
+    check_threads(threads)?;
+    Ok(threads)
 }
 
 /// A device request as written in a config: `auto`, `cpu`, `cuda` or `cuda:N`.

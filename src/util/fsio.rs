@@ -66,6 +66,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
 /// two created in the same second apart. Creation is atomic, so concurrent
 /// processes never share a folder.
 pub fn create_unique_dir(parent: &Path, label: &str) -> Result<PathBuf, FileError> {
+    check_can_hold_dirs(parent)?;
     std::fs::create_dir_all(parent).map_err(FileError::on("create", parent))?;
     let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
     let mut attempt = 1;
@@ -81,6 +82,16 @@ pub fn create_unique_dir(parent: &Path, label: &str) -> Result<PathBuf, FileErro
             Err(e) => return Err(FileError::new("create", &path, e)),
         }
     }
+}
+
+/// Fails when `parent` exists but is not a directory, so that a run learns it
+/// cannot be written before it loads data and trains.
+pub fn check_can_hold_dirs(parent: &Path) -> Result<(), FileError> {
+    if parent.exists() && !parent.is_dir() {
+        let cause = std::io::Error::other("it is a file, not a directory");
+        return Err(FileError::new("create folders in", parent, cause));
+    }
+    Ok(())
 }
 
 /// Reads a whole file as text.
