@@ -238,7 +238,7 @@ fn a_train_size_beyond_the_data_is_a_warning() {
     let config = work.path().join("big.toml");
     std::fs::write(
         &config,
-        "[model]\nkind = \"custom_mlp\"\n[data]\nvalidation_size = 58000\ntrain_size = 5000\ntest_size = 100\n[train]\nepochs = 1\n",
+        "[model]\nkind = \"custom_mlp\"\n[data]\nvalidation_size = 1000\ntrain_size = 100000\ntest_size = 100\n[train]\nepochs = 1\n",
     )
     .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_mnist-lab"))

@@ -2,7 +2,7 @@
 //! and check what a user would: accuracy well above chance, every file present
 //! and loadable, clear errors that leave nothing behind.
 //!
-//! MNIST comes from `MNIST_DIR`, else `../shared/data/mnist` beside the checkout.
+//! MNIST comes from `MNIST_DIR` or `data/mnist`, else the subset in `tests/data`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

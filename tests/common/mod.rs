@@ -6,18 +6,45 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// MNIST: `MNIST_DIR`, else `../shared/data/mnist` beside the checkout.
+fn holds_mnist(dir: &Path) -> bool {
+    mnist_lab::data::MNIST_FILES
+        .iter()
+        .all(|(stem, _)| dir.join(format!("{stem}.gz")).is_file() || dir.join(stem).is_file())
+}
+
+/// Full MNIST, found as the binary finds it: `MNIST_DIR`, then `data/mnist`.
+pub fn full_mnist() -> Option<PathBuf> {
+    let from_env = std::env::var_os("MNIST_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let in_checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    from_env
+        .into_iter()
+        .chain([in_checkout])
+        .find(|dir| holds_mnist(dir))
+}
+
+/// The subset of MNIST shipped with the tests (6,000 training, 2,000 test images).
+pub fn mnist_subset() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mnist-subset")
+}
+
+/// MNIST for the tests: the full set where there is one, else the shipped subset.
 pub fn mnist_dir() -> PathBuf {
-    let dir = std::env::var_os("MNIST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mnist"));
-    assert!(
-        dir.join("train-images-idx3-ubyte.gz").is_file()
-            || dir.join("train-images-idx3-ubyte").is_file(),
-        "these tests need MNIST: set MNIST_DIR (looked in {})",
-        dir.display()
-    );
-    dir
+    full_mnist().unwrap_or_else(mnist_subset)
+}
+
+/// Full MNIST for a test that needs it, or `None` after saying it skips.
+pub fn full_mnist_or_skip(test: &str) -> Option<PathBuf> {
+    let found = full_mnist();
+    if found.is_none() {
+        // Straight to stderr, past the test harness's capture, so the skip shows.
+        let note = format!(
+            "skipped {test}: it needs full MNIST (set MNIST_DIR, or put it in data/mnist)\n"
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), note.as_bytes());
+    }
+    found
 }
 
 pub fn config_path(name: &str) -> String {
