@@ -77,7 +77,20 @@ fn lenet5_trains_on_a_subset_and_writes_a_complete_run() {
     );
     assert!(metrics[2].train_loss < metrics[0].train_loss, "{metrics:?}");
     let best = metrics.iter().map(|m| m.val_acc).fold(0.0, f64::max);
-    assert_eq!(summary.best_val_acc, Some(best));
+    // summary.json rounds its figures to six decimals.
+    assert!((summary.best_val_acc.unwrap() - best).abs() < 1e-6);
+    assert!(summary.hparams["optimizer.lr"] == 0.05 && summary.hparams["model.kind"] == "lenet5");
+    let tensorboard = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .expect("an event file for TensorBoard");
+    assert!(std::fs::metadata(tensorboard).unwrap().len() > 1000);
 
     let events = std::fs::read_to_string(run.join(rundir::EVENTS_FILE)).unwrap();
     let epochs: Vec<serde_json::Value> = events

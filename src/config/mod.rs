@@ -13,6 +13,7 @@
 //!
 //! [`grid`] reads a config's `[sweep]` table.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -124,6 +125,22 @@ impl Config {
         toml::to_string_pretty(&resolved).expect("a Config always serializes to TOML")
     }
 
+    /// What the run learns with, as flat dotted keys (`optimizer.lr`,
+    /// `model.batch_norm`, ...) with the learning-rate default resolved: every
+    /// field but the name, the sweep grid, where the data is and the device.
+    pub fn hyperparameters(&self) -> BTreeMap<String, serde_json::Value> {
+        let resolved: toml::Value = toml::from_str(&self.to_toml()).expect("a config round-trips");
+        let mut flat = BTreeMap::new();
+        flatten("", &resolved, &mut flat);
+        flat.retain(|key, _| {
+            !(key == "name"
+                || key == "data.dir"
+                || key.starts_with("sweep")
+                || key.starts_with("device."))
+        });
+        flat
+    }
+
     /// The sections the trainer reads.
     pub fn train_setup(&self) -> TrainSetup {
         TrainSetup {
@@ -133,6 +150,26 @@ impl Config {
             train: self.train.clone(),
             augment_shift: self.data.augment_shift,
             seed: self.seed,
+        }
+    }
+}
+
+/// Adds the leaves of `value` under `prefix` to `out` as JSON values.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table {
+                let dotted = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&dotted, value, out);
+            }
+        }
+        leaf => {
+            let json = serde_json::to_value(leaf).unwrap_or(serde_json::Value::Null);
+            out.insert(prefix.to_string(), json);
         }
     }
 }

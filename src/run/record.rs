@@ -3,6 +3,7 @@
 //! about every epoch's end through one small interface, so a new output (or a
 //! policy such as resuming) is a new recorder, not an edit of the training loop.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +18,7 @@ use crate::run::{RunError, plots};
 use crate::train::{Score, TrainError, Trainer};
 use crate::util::interrupt::{self, AbortHook};
 use crate::util::telemetry::EventCapture;
+use crate::util::tensorboard::{self, Scalar, Session};
 use crate::util::{device, system};
 
 /// What recorders hear at the end of each epoch.
@@ -101,6 +103,92 @@ impl Recorder for SummaryJson {
 
     fn run_end(&mut self, run: &RunDir, summary: &Summary) -> Result<(), RunError> {
         Ok(run.write_summary(summary)?)
+    }
+}
+
+/// `events.out.tfevents.<start>.<host>`: the run's curves for TensorBoard,
+/// rewritten whole from the history after every epoch (so a resumed run's file
+/// holds every epoch once), with the test figures added at the end.
+pub struct TensorBoard {
+    file: String,
+    /// The run's start, Unix seconds: each epoch is placed at its end.
+    start: f64,
+    hparams: BTreeMap<String, serde_json::Value>,
+    history: Vec<EpochMetrics>,
+}
+
+impl TensorBoard {
+    fn new(summary: &Summary, history: &[EpochMetrics]) -> TensorBoard {
+        let start =
+            chrono::DateTime::parse_from_rfc3339(&summary.started_at).map_or(0, |t| t.timestamp());
+        let host = summary.hostname.clone().unwrap_or_else(system::hostname);
+        TensorBoard {
+            file: tensorboard::file_name(start, &host),
+            start: start as f64,
+            hparams: summary.hparams.clone(),
+            history: history.to_vec(),
+        }
+    }
+
+    /// Every epoch's figures as points; the test figures too once there are some.
+    fn scalars(&self, summary: Option<&Summary>) -> Vec<Scalar> {
+        let mut scalars = Vec::new();
+        let mut wall_time = self.start;
+        let mut step = 0;
+        let mut point = |tag: &str, step: usize, wall_time: f64, value: f64| {
+            let (tag, step, value) = (tag.to_string(), step as i64, value as f32);
+            scalars.push(Scalar {
+                tag,
+                step,
+                wall_time,
+                value,
+            });
+        };
+        for m in &self.history {
+            (wall_time, step) = (wall_time + m.epoch_secs, m.epoch);
+            point("loss/train", step, wall_time, m.train_loss);
+            point("loss/validation", step, wall_time, m.val_loss);
+            point("accuracy/train", step, wall_time, m.train_acc);
+            point("accuracy/validation", step, wall_time, m.val_acc);
+            point("learning_rate", step, wall_time, m.lr);
+            point("images_per_sec", step, wall_time, m.images_per_sec);
+            point("epoch_secs", step, wall_time, m.epoch_secs);
+        }
+        if let Some((loss, accuracy)) = summary.and_then(|s| s.test_loss.zip(s.test_acc)) {
+            point("test/loss", step, wall_time, loss);
+            point("test/accuracy", step, wall_time, accuracy);
+        }
+        scalars
+    }
+
+    fn write(&self, run: &RunDir, ended: Option<&Summary>) -> Result<(), RunError> {
+        let session = Session {
+            start_wall_time: self.start,
+            hparams: &self.hparams,
+            // An interrupted run has not ended: it may resume.
+            ended: ended.and_then(|s| match s.status {
+                Status::Completed => Some(true),
+                Status::Failed | Status::Diverged => Some(false),
+                _ => None,
+            }),
+        };
+        let path = run.file(&self.file);
+        Ok(tensorboard::write_events(
+            &path,
+            &session,
+            &self.scalars(ended),
+        )?)
+    }
+}
+
+impl Recorder for TensorBoard {
+    fn epoch_end(&mut self, end: &EpochEnd) -> Result<(), RunError> {
+        self.history = end.history.to_vec();
+        self.write(end.run, None)
+    }
+
+    fn run_end(&mut self, run: &RunDir, summary: &Summary) -> Result<(), RunError> {
+        self.write(run, Some(summary))
     }
 }
 
@@ -219,6 +307,7 @@ impl RunRecord {
         summary.touch();
         run.write_summary(&summary)?;
         run.write_metrics(&history)?;
+        let tensorboard = TensorBoard::new(&summary, &history);
         let written = Arc::new(Mutex::new(summary.clone()));
         let abort = abort_hook(run.clone(), Arc::clone(&written));
         Ok(RunRecord {
@@ -234,6 +323,7 @@ impl RunRecord {
                 Box::new(MetricsCsv),
                 Box::new(Plots),
                 Box::new(SummaryJson),
+                Box::new(tensorboard),
                 Box::new(events),
             ],
             written,
@@ -400,6 +490,7 @@ fn initial_summary(config: &Config, trainer: &Trainer, device: &Device) -> Summa
         updated_at: None,
         data_dir: None,
         resumed_at: Vec::new(),
+        hparams: config.hyperparameters(),
     }
 }
 

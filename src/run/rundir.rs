@@ -2,6 +2,7 @@
 //! Every file is written under a temporary name and renamed into place, so a run
 //! killed at any moment leaves each file either old or new, never half-written.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -75,9 +76,12 @@ pub struct Summary {
     pub epochs: usize,
     pub epochs_completed: usize,
     pub best_epoch: Option<usize>,
+    #[serde(serialize_with = "six_decimals")]
     pub best_val_acc: Option<f64>,
     /// Test-set figures of `model.safetensors` (the best validation epoch).
+    #[serde(serialize_with = "six_decimals")]
     pub test_loss: Option<f64>,
+    #[serde(serialize_with = "six_decimals")]
     pub test_acc: Option<f64>,
     pub wall_secs: f64,
     /// Peak resident memory of the process so far (Linux only).
@@ -105,6 +109,18 @@ pub struct Summary {
     /// When the run was resumed, once per resume.
     #[serde(default)]
     pub resumed_at: Vec<String>,
+    /// The config's hyperparameters, flattened to dotted keys (`optimizer.lr`).
+    #[serde(default)]
+    pub hparams: BTreeMap<String, serde_json::Value>,
+}
+
+/// Figures written for people: 0.9933, not 0.9933000000000001 (the run itself
+/// keeps the exact values).
+fn six_decimals<S: serde::Serializer>(
+    value: &Option<f64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    value.map(|v| (v * 1e6).round() / 1e6).serialize(serializer)
 }
 
 impl Summary {

@@ -10,3 +10,4 @@ pub mod progress;
 pub mod system;
 pub mod table;
 pub mod telemetry;
+pub mod tensorboard;
