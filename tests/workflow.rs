@@ -147,6 +147,30 @@ fn sweep_expands_a_grid_and_survives_a_failing_run() {
     assert_eq!(listed[0]["status"], "completed");
     let table = stdout(&run_binary(&["runs", &runs_arg]));
     assert!(table.starts_with("run ") && table.contains("BN"), "{table}");
+    // Any config key as a column, a filter or the sort order.
+    let args = [
+        "runs",
+        &runs_arg,
+        "--columns",
+        "model.batch_norm",
+        "--filter",
+    ];
+    let table = stdout(&run_binary(
+        &[&args[..], &["model.batch_norm=true"]].concat(),
+    ));
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(
+        table.lines().next().unwrap().contains("model.batch_norm"),
+        "{table}"
+    );
+    assert!(table.lines().nth(1).unwrap().contains("true"), "{table}");
+    let sorted = stdout(&run_binary(&[
+        "runs",
+        &runs_arg,
+        "--sort",
+        "model.batch_norm",
+    ]));
+    assert_eq!(sorted.lines().count(), 3, "{sorted}");
 }
 
 #[test]

@@ -114,6 +114,79 @@ pub fn scan(runs_dir: &Path) -> Result<(Vec<RunInfo>, Vec<String>)> {
     Ok((runs, warnings))
 }
 
+/// What `mnist-lab runs --sort` orders by: a column of the table, or any
+/// config key (`optimizer.lr`), numbers by value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sort {
+    Column(SortKey),
+    Config(String),
+}
+
+impl std::str::FromStr for Sort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        use clap::ValueEnum;
+        match SortKey::from_str(text, true) {
+            Ok(key) => Ok(Sort::Column(key)),
+            Err(_) if text.contains('.') => Ok(Sort::Config(text.to_string())),
+            Err(_) => Err(format!(
+                "expected one of started, name, model, params, epochs, val, test, wall, \
+                 status, or a config key such as optimizer.lr; got {text:?}"
+            )),
+        }
+    }
+}
+
+/// `--filter KEY=VALUE`: keeps the runs whose config has that value (`status`
+/// and `model` may be filtered too).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    pub key: String,
+    pub value: serde_json::Value,
+}
+
+impl std::str::FromStr for Filter {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| format!("expected KEY=VALUE (e.g. model.kind=lenet5), got {text:?}"))?;
+        let value = serde_json::to_value(crate::config::parse_value(value))
+            .map_err(|e| format!("{text}: {e}"))?;
+        Ok(Filter {
+            key: key.trim().to_string(),
+            value,
+        })
+    }
+}
+
+impl RunInfo {
+    /// The value of a config key in this run (`status` and `model` too).
+    pub fn value_of(&self, key: &str) -> Option<serde_json::Value> {
+        match key {
+            "status" => Some(self.summary.status.to_string().into()),
+            "model" => Some(self.summary.model.clone().into()),
+            _ => (self.summary.hparams.get(key).cloned())
+                .or_else(|| self.config.as_ref()?.hyperparameters().remove(key)),
+        }
+    }
+}
+
+/// Keeps the runs that match every filter; numbers compare by value (`0.01` = `1e-2`).
+pub fn filter(runs: &mut Vec<RunInfo>, filters: &[Filter]) {
+    let same = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    };
+    runs.retain(|run| {
+        filters
+            .iter()
+            .all(|f| run.value_of(&f.key).is_some_and(|v| same(&v, &f.value)))
+    });
+}
+
 /// The columns `mnist-lab runs --sort` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SortKey {
@@ -131,8 +204,26 @@ pub enum SortKey {
     Status,
 }
 
-/// Sorts in place; accuracies go best first, everything else ascending.
-pub fn sort(runs: &mut [RunInfo], key: SortKey) {
+/// Sorts in place; accuracies go best first, everything else ascending; runs
+/// without the config key go last.
+pub fn sort(runs: &mut [RunInfo], sort: &Sort) {
+    let key = match sort {
+        Sort::Column(key) => *key,
+        Sort::Config(key) => {
+            let order = |v: &Option<serde_json::Value>| match v {
+                Some(serde_json::Value::Number(n)) => (0, n.as_f64().unwrap_or(0.0), String::new()),
+                Some(other) => (1, 0.0, other.to_string()),
+                None => (2, 0.0, String::new()),
+            };
+            runs.sort_by(|a, b| {
+                let (a, b) = (order(&a.value_of(key)), order(&b.value_of(key)));
+                (a.0, a.2.clone())
+                    .cmp(&(b.0, b.2.clone()))
+                    .then(a.1.total_cmp(&b.1))
+            });
+            return;
+        }
+    };
     let accuracy = |v: Option<f64>| std::cmp::Reverse(v.map(|a| (a * 1e9) as i64));
     match key {
         SortKey::Started => runs.sort_by(|a, b| a.summary.started_at.cmp(&b.summary.started_at)),
@@ -164,11 +255,14 @@ impl RunInfo {
     }
 }
 
-/// The listing's table: one row per run.
-pub fn runs_table(runs: &[RunInfo]) -> Table {
+/// The listing's table: one row per run, with a column for each of `extra`
+/// (config keys) before the figures.
+pub fn runs_table(runs: &[RunInfo], extra: &[String]) -> Table {
+    let extra_headers: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut table = Table::new(
         &[
             &RUN_COLUMNS[..],
+            &extra_headers,
             &["best val", "test acc", "wall", "status"],
         ]
         .concat(),
@@ -176,6 +270,11 @@ pub fn runs_table(runs: &[RunInfo]) -> Table {
     for run in runs {
         let s = &run.summary;
         let mut cells = run.run_cells(run.id());
+        cells.extend(extra.iter().map(|key| match run.value_of(key) {
+            Some(serde_json::Value::String(text)) => text,
+            Some(value) => value.to_string(),
+            None => "-".into(),
+        }));
         cells.extend([
             percent(s.best_val_acc),
             percent(s.test_acc),

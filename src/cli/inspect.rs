@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::analyze::evaluate::{self, TrainedModel};
-use crate::analyze::inspect::{self, SortKey};
+use crate::analyze::inspect::{self, Filter, Sort};
 use crate::analyze::report::{self, ReportOptions};
 use crate::analyze::{compare, predict};
 use crate::config::Override;
@@ -17,9 +17,18 @@ pub(super) struct RunsArgs {
     /// Folder of run directories.
     #[arg(default_value = "runs")]
     dir: PathBuf,
-    /// Sort by this column (accuracies best first, the rest ascending).
-    #[arg(long, value_enum, default_value = "started")]
-    sort: SortKey,
+    /// Sort by a column (started, name, model, params, epochs, val, test, wall,
+    /// status: accuracies best first, the rest ascending) or a config key
+    /// (`optimizer.lr`).
+    #[arg(long, default_value = "started")]
+    sort: Sort,
+    /// Show these config keys as columns: `--columns optimizer.lr,train.batch_size`.
+    #[arg(long, value_delimiter = ',', value_name = "KEY,...")]
+    columns: Vec<String>,
+    /// Keep only the runs with this config value: `--filter model.kind=lenet5`
+    /// (repeatable; `status` and `model` too).
+    #[arg(long = "filter", value_name = "KEY=VALUE")]
+    filters: Vec<Filter>,
     /// Print JSON for scripts instead of a table.
     #[arg(long)]
     json: bool,
@@ -31,13 +40,14 @@ impl RunsArgs {
         for warning in warnings {
             eprintln!("warning: {warning}");
         }
-        inspect::sort(&mut runs, self.sort);
+        inspect::filter(&mut runs, &self.filters);
+        inspect::sort(&mut runs, &self.sort);
         if self.json {
             println!("{}", inspect::runs_json(&runs));
         } else if runs.is_empty() {
             eprintln!("no runs in {}", self.dir.display());
         } else {
-            print!("{}", inspect::runs_table(&runs).to_text());
+            print!("{}", inspect::runs_table(&runs, &self.columns).to_text());
         }
         Ok(())
     }

@@ -203,7 +203,17 @@ fn train_epoch(
     let epoch_start = Instant::now();
     let lr = trainer.learning_rate((epoch - 1) as f64);
     let bar = progress::epoch_bar(data.train.len(), epoch, epochs);
-    let train = trainer.train_epoch(&data.train, epoch - 1, |n| bar.inc(n as u64))?;
+    let mut shown = Instant::now();
+    let train = trainer.train_epoch(&data.train, epoch - 1, |n, running| {
+        bar.inc(n as u64);
+        // Twice a second, on a terminal only: reading the sums waits for the device.
+        if !bar.is_hidden() && shown.elapsed().as_secs_f64() > 0.5 {
+            shown = Instant::now();
+            if let Ok(score) = running.score() {
+                bar.set_message(progress::running_figures(&bar, score.loss, score.accuracy));
+            }
+        }
+    })?;
     let train_secs = epoch_start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let validation = trainer.evaluate(&data.validation)?;

@@ -8,6 +8,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::util::telemetry::{CONSOLE_TARGET, RECORD_TARGET};
+
 use crate::run::rundir::RunFileError;
 use crate::util::fsio::FileError;
 
@@ -24,9 +26,14 @@ macro_rules! epoch_metrics {
         }
 
         impl EpochMetrics {
-            /// The per-epoch `info` event: every column, rounded for reading.
-            pub fn log(&self) {
-                tracing::info!($($field = ForLog::for_log(self.$field, $decimals),)* "epoch");
+            /// The per-epoch `info` event with every column (rounded for
+            /// reading) for `events.jsonl`, and one compact line on the console.
+            pub fn log(&self, epochs: usize) {
+                tracing::info!(
+                    target: RECORD_TARGET,
+                    $($field = ForLog::for_log(self.$field, $decimals),)* "epoch"
+                );
+                tracing::info!(target: CONSOLE_TARGET, "{}", self.console_line(epochs));
             }
         }
     };
@@ -46,6 +53,34 @@ epoch_metrics! {
     epoch_secs: f64, Some(3);
     /// Training images per second.
     images_per_sec: f64, Some(0);
+}
+
+impl EpochMetrics {
+    /// `epoch  3/20  loss 0.0410/0.0380  acc 98.71%/98.90%  lr 0.0100  4.1 s  13.4k img/s`:
+    /// train/validation pairs, in percents where the rest of the tool shows percents.
+    pub fn console_line(&self, epochs: usize) -> String {
+        let width = epochs.to_string().len();
+        format!(
+            "epoch {:>width$}/{epochs}  loss {:.4}/{:.4}  acc {:.2}%/{:.2}%  lr {:.4}  {:.1} s  {} img/s",
+            self.epoch,
+            self.train_loss,
+            self.val_loss,
+            100.0 * self.train_acc,
+            100.0 * self.val_acc,
+            self.lr,
+            self.epoch_secs,
+            short_count(self.images_per_sec),
+        )
+    }
+}
+
+/// `13.4k`, `950`, `1.2M`: a rate in three significant figures.
+pub fn short_count(value: f64) -> String {
+    match value {
+        v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
 }
 
 /// A value as the event shows it: floats rounded to some decimals.

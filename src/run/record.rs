@@ -339,7 +339,7 @@ impl RunRecord {
     /// Logs an epoch's figures and has every recorder write its output. A
     /// diverged epoch (non-finite validation loss) stops the run unrecorded.
     pub fn epoch_end(&mut self, metrics: EpochMetrics, trainer: &Trainer) -> Result<(), RunError> {
-        metrics.log();
+        metrics.log(self.summary.epochs);
         if let Some(diverged) = divergence(&metrics, self.history.first(), self.peak_lr) {
             return Err(diverged.into());
         }

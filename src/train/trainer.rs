@@ -39,6 +39,25 @@ pub struct TrainerState {
 const MODEL_PREFIX: &str = "model.";
 const OPTIMIZER_PREFIX: &str = "optimizer.";
 
+/// The sums of an epoch in progress, still on the device: reading them
+/// ([`RunningScore::score`]) waits for the device, so it is done only when asked.
+pub struct RunningScore<'a> {
+    loss_sum: &'a Tensor,
+    correct: &'a Tensor,
+    seen: usize,
+}
+
+impl RunningScore<'_> {
+    /// Mean loss and accuracy over the images seen so far.
+    pub fn score(&self) -> Result<Score> {
+        let seen = self.seen.max(1) as f64;
+        Ok(Score {
+            loss: self.loss_sum.to_scalar::<f32>()? as f64 / seen,
+            accuracy: self.correct.to_scalar::<f32>()? as f64 / seen,
+        })
+    }
+}
+
 /// A model, its variables and its optimiser, with the state of the run.
 pub struct Trainer {
     pub model: Box<dyn Classifier>,
@@ -128,12 +147,13 @@ impl Trainer {
     }
 
     /// Trains one epoch (`epoch` counts from 0) over `train` in a fresh seeded order;
-    /// `on_batch` hears the number of images of each batch done.
+    /// `on_batch` hears the number of images of each batch done, and the epoch's
+    /// figures so far, which it may read.
     pub fn train_epoch(
         &mut self,
         train: &Tensors,
         epoch: usize,
-        mut on_batch: impl FnMut(usize),
+        mut on_batch: impl FnMut(usize, RunningScore),
     ) -> std::result::Result<Score, TrainError> {
         let mut order: Vec<u32> = (0..train.len() as u32).collect();
         order.shuffle(&mut self.shuffle_rng);
@@ -164,12 +184,21 @@ impl Trainer {
             loss_sum = (loss_sum + (loss * chunk.len() as f64)?)?;
             correct = (correct + count_correct(&logits, &labels)?)?;
             seen += chunk.len();
-            on_batch(chunk.len());
+            on_batch(
+                chunk.len(),
+                RunningScore {
+                    loss_sum: &loss_sum,
+                    correct: &correct,
+                    seen,
+                },
+            );
         }
-        Ok(Score {
-            loss: loss_sum.to_scalar::<f32>()? as f64 / seen as f64,
-            accuracy: correct.to_scalar::<f32>()? as f64 / seen as f64,
-        })
+        Ok(RunningScore {
+            loss_sum: &loss_sum,
+            correct: &correct,
+            seen,
+        }
+        .score()?)
     }
 
     /// One optimiser step on a batch; returns the (detached) mean loss and logits.
