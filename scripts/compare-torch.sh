@@ -4,13 +4,13 @@
 #
 #   TORCH_PYTHON=/tmp/torchenv/bin/python scripts/compare-torch.sh [THREADS] [STEPS]
 #
-# Needs the reference's environment (see ../shared/peers/README.md) and MNIST_DIR.
+# Needs a Python with torch and numpy (TORCH_PYTHON; see scripts/torch_ref.py) and MNIST_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-2}"
 steps="${2:-200}"
 python="${TORCH_PYTHON:-/tmp/torchenv/bin/python}"
-reference="${TORCH_REF:-../shared/peers/torch_ref.py}"
+reference="${TORCH_REF:-scripts/torch_ref.py}"
 cargo build --release --quiet
 figure() { grep "^$1=" | cut -d= -f2; }
 echo "| model | batch | mnist-lab train/s | PyTorch train/s | ratio | mnist-lab eval/s | PyTorch eval/s | ratio |"

@@ -1,5 +1,5 @@
 //! Throughput benchmark with the same protocol as the PyTorch reference
-//! (`../shared/peers/torch_ref.py --bench-steps`): training steps (forward, loss,
+//! (`scripts/torch_ref.py --bench-steps`): training steps (forward, loss,
 //! backward, SGD step) on batches already in memory after 20 warm-up steps, then
 //! evaluation of the test set in batches of 1000 (repeated for at least half a
 //! second, where the reference times one pass).
