@@ -517,7 +517,7 @@ impl CustomOp3 for ActivationGrad {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::kernels::testing::{max_diff, random};
+    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
     use crate::model::kernels::{Norm, activation, max_pool2x2};
     use candle_core::{DType, Device, ModuleT, Tensor, Var};
 
@@ -550,6 +550,7 @@ mod tests {
     }
 
     fn check(shape: &[usize], norm: Norm, pool: bool) {
+        on_the_kernel_path();
         let c = shape[1];
         let z = Var::from_tensor(&(random(shape, 1) * 2.0).unwrap()).unwrap();
         let w = Var::from_tensor(&(random(&[c], 2) + 1.5).unwrap()).unwrap();
@@ -608,6 +609,8 @@ mod tests {
     fn matches_candle_with_batch_norm_and_pooling() {
         check(&[8, 6, 8, 8], Norm::Batch { eps: 1e-5 }, true);
         check(&[4, 16, 10, 10], Norm::Batch { eps: 1e-5 }, true);
+        // A training batch of the first layer: large enough to split across threads.
+        check(&[64, 6, 28, 28], Norm::Batch { eps: 1e-5 }, true);
     }
 
     #[test]

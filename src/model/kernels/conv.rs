@@ -422,12 +422,13 @@ fn copy_row(dst: &mut [f32], src: &[f32]) {
 #[cfg(test)]
 mod tests {
     use crate::model::kernels::conv2d;
-    use crate::model::kernels::testing::{max_diff, random};
+    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
     use candle_core::Var;
 
     /// Forward and all three gradients of our conv against Candle's, through a
     /// weighted sum so every output position gets a different gradient.
     fn check_conv(x_shape: &[usize], w_shape: &[usize]) {
+        on_the_kernel_path();
         let x = Var::from_tensor(&random(x_shape, 1)).unwrap();
         let w = Var::from_tensor(&random(w_shape, 2)).unwrap();
         let b = Var::from_tensor(&random(&w_shape[..1], 3)).unwrap();

@@ -248,12 +248,13 @@ impl CustomOp2 for LinearGradParams {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::kernels::testing::{max_diff, random};
+    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
     use crate::model::kernels::{linear, linear_affine_tanh};
     use candle_core::Var;
 
     #[test]
     fn linear_matches_candle_forward_and_backward() {
+        on_the_kernel_path();
         // 1001 rows: the forward splits large batches by rows, unevenly here.
         for (n, inputs, outputs) in [(5, 7, 3), (64, 1024, 48), (1, 120, 84), (1001, 48, 10)] {
             let x = Var::from_tensor(&random(&[n, inputs], 1)).unwrap();
@@ -288,6 +289,7 @@ mod tests {
 
     #[test]
     fn fused_affine_tanh_matches_the_separate_ops() {
+        on_the_kernel_path();
         for n in [5, 1001] {
             let x = random(&[n, 48], 1);
             let w = random(&[48, 48], 2);

@@ -112,21 +112,38 @@ impl CustomOp2 for CrossEntropyGrad {
 #[cfg(test)]
 mod tests {
     use crate::model::kernels::cross_entropy;
-    use crate::model::kernels::testing::{max_diff, random};
+    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
     use candle_core::{Device, Tensor, Var};
 
-    #[test]
-    fn cross_entropy_matches_candle_forward_and_backward() {
-        let logits = Var::from_tensor(&(random(&[32, 10], 1) * 5.0).unwrap()).unwrap();
-        let labels: Vec<u32> = (0..32).map(|i| (i * 7 % 10) as u32).collect();
-        let labels = Tensor::from_vec(labels, 32, &Device::Cpu).unwrap();
+    /// Loss and gradient against candle-nn's, for `n` rows of logits scaled by `scale`.
+    fn check(n: usize, scale: f64) {
+        on_the_kernel_path();
+        let logits = Var::from_tensor(&(random(&[n, 10], 1) * scale).unwrap()).unwrap();
+        let labels: Vec<u32> = (0..n).map(|i| (i * 7 % 10) as u32).collect();
+        let labels = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
         let ours = cross_entropy(&logits, &labels).unwrap();
         let reference = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
-        assert!(max_diff(&ours, &reference) < 1e-5);
+        let loss: f32 = ours.to_scalar().unwrap();
+        assert!(loss.is_finite(), "{n} rows x{scale}: loss {loss}");
+        let tolerance = 1e-5 * (1.0 + loss.abs());
+        assert!(max_diff(&ours, &reference) < tolerance, "{n} rows x{scale}");
         // Scaled, so the incoming gradient is not 1.
         let a = (&ours * 3.0).unwrap().backward().unwrap();
         let r = (&reference * 3.0).unwrap().backward().unwrap();
-        assert!(max_diff(a.get(&logits).unwrap(), r.get(&logits).unwrap()) < 1e-6);
+        let d = max_diff(a.get(&logits).unwrap(), r.get(&logits).unwrap());
+        assert!(d < 1e-6, "{n} rows x{scale}: gradient differs by {d}");
+    }
+
+    #[test]
+    fn cross_entropy_matches_candle_forward_and_backward() {
+        check(32, 5.0);
+    }
+
+    #[test]
+    fn cross_entropy_holds_at_batch_one_and_with_huge_logits() {
+        check(1, 5.0);
+        // Logits in +-1000: a softmax without the max subtracted overflows.
+        check(16, 1000.0);
     }
 
     #[test]

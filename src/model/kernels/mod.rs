@@ -271,6 +271,16 @@ pub fn activation(
 pub(crate) mod testing {
     use candle_core::{Device, Tensor};
 
+    /// Makes sure the kernels, not Candle's ops, are what a test exercises,
+    /// whatever `MNIST_LAB_CANDLE_OPS` says (no unit test asks for Candle's ops).
+    pub fn on_the_kernel_path() {
+        super::use_candle_ops(false);
+        assert!(
+            super::enabled(&Device::Cpu),
+            "the kernel path is the one under test"
+        );
+    }
+
     pub fn random(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
