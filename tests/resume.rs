@@ -142,6 +142,16 @@ fn sigterm_then_resume_ends_exactly_as_a_run_never_stopped() {
         );
     }
     assert_eq!(after.test_acc, summary(&straight).test_acc);
+    // The checkpoint of a LeNet5 with BatchNorm, trained with shifts and a
+    // partial last batch (4,000 = 62.5 x 64), reloads to its own test accuracy.
+    let eval = run_binary(&["eval", stopped.to_str().unwrap(), "--json"]);
+    assert_success(&eval);
+    let eval: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    let reloaded = eval["accuracy"].as_f64().unwrap();
+    assert!(
+        (reloaded - after.test_acc.unwrap()).abs() < 1e-6,
+        "{reloaded}"
+    );
 
     // A finished run is extended with more epochs, and refuses other changes.
     let again = run_binary(&["resume", stopped.to_str().unwrap()]);

@@ -130,6 +130,7 @@ fn sweep_expands_a_grid_and_survives_a_failing_run() {
         } else {
             let run = entry.run_dir.as_ref().unwrap();
             let s = summary(run);
+            assert!(s.test_acc.is_some());
             assert_eq!(s.test_acc, entry.test_acc);
             assert!(s.test_acc.unwrap() > 0.7, "{s:?}");
             let batch_norm = entry.varied["model.batch_norm"].as_bool().unwrap();
@@ -338,14 +339,18 @@ fn eval_predict_and_compare_use_a_trained_run() {
     assert!(figure.width() >= 1600);
 
     // Bad arguments: clear errors.
-    let err = stderr(&run_binary(&["eval", "no/such/run"]));
+    let output = run_binary(&["eval", "no/such/run"]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
     assert!(err.contains("no such run directory: no/such/run"), "{err}");
     let bare = work.path().join("bare");
     std::fs::create_dir_all(&bare).unwrap();
     for file in [rundir::SUMMARY_FILE, rundir::CONFIG_FILE] {
         std::fs::copy(run.join(file), bare.join(file)).unwrap();
     }
-    let err = stderr(&run_binary(&["eval", &bare.display().to_string()]));
+    let output = run_binary(&["eval", &bare.display().to_string()]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
     assert!(err.contains("has no checkpoint model.safetensors"), "{err}");
     let junk = write(&work.path().join("junk.png"), "not an image");
     let output = run_binary(&["predict", &run_arg, &junk]);

@@ -114,7 +114,14 @@ mod tests {
             dropout: 0.0,
         };
         let source = VarMap::new();
-        crate::model::build(&config, 32, 1, &source, &Device::Cpu).unwrap();
+        let model = crate::model::build(&config, 32, 1, &source, &Device::Cpu).unwrap();
+        // Training-mode passes move the BatchNorm statistics off their start
+        // (mean 0, variance 1), so a loader that skipped them would be caught.
+        let images =
+            (Tensor::rand(0f32, 1.0, (8, 1, 32, 32), &Device::Cpu).unwrap() * 3.0).unwrap();
+        for _ in 0..3 {
+            crate::model::kernels::install(|| model.logits(&images, true)).unwrap();
+        }
         save(&source, 17, &path).unwrap();
 
         let raw = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
@@ -126,14 +133,17 @@ mod tests {
         let target = VarMap::new();
         crate::model::build(&config, 32, 2, &target, &Device::Cpu).unwrap();
         load(&target, &path).unwrap();
-        let value = |m: &VarMap| {
-            m.data().lock().unwrap()["conv2.weight"]
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        assert_eq!(value(&source), value(&target));
+        let (source, target) = (source.data().lock().unwrap(), target.data().lock().unwrap());
+        assert_eq!(source.len(), target.len());
+        let values = |t: &candle_core::Var| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (name, var) in source.iter() {
+            assert_eq!(values(var), values(&target[name]), "{name}");
+        }
+        let moved = values(&source["bn1.running_mean"]);
+        assert!(
+            moved.iter().all(|&m| m != 0.0),
+            "statistics moved: {moved:?}"
+        );
     }
 
     #[test]

@@ -282,6 +282,11 @@ mod tests {
 
     /// Minimises 0.5 * w^2 (gradient w) from w = 1 with the given optimiser.
     fn run(config: OptimizerConfig, steps: usize, lr: f64) -> Vec<f32> {
+        run_towards(config, steps, lr, 0.0)
+    }
+
+    /// Minimises 0.5 * (w - target)^2 (gradient w - target) from w = 1.
+    fn run_towards(config: OptimizerConfig, steps: usize, lr: f64, target: f64) -> Vec<f32> {
         let varmap = VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let w = vb
@@ -290,7 +295,7 @@ mod tests {
         let mut optimizer = Optimizer::new(&config, &varmap);
         let mut trace = Vec::new();
         for _ in 0..steps {
-            let loss = (w.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+            let loss = ((&w - target).unwrap().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
             optimizer.step(&loss.backward().unwrap(), lr).unwrap();
             trace.push(w.to_vec1::<f32>().unwrap()[0]);
         }
@@ -332,6 +337,33 @@ mod tests {
             ..Default::default()
         };
         assert!(close(&run(config, 1, 0.01), &[0.99]));
+    }
+
+    #[test]
+    fn adam_adds_weight_decay_to_the_gradient_and_adamw_does_not() {
+        // Towards w = 3 from 1, lr 0.1, decay 1: torch.optim.Adam and AdamW give
+        // these three steps (checked with torch 2.x in float64).
+        let with = |kind| OptimizerConfig {
+            kind,
+            weight_decay: 1.0,
+            ..Default::default()
+        };
+        let adam = run_towards(with(OptimizerKind::Adam), 3, 0.1, 3.0);
+        assert!(
+            close(&adam, &[1.1, 1.198_812_578, 1.295_128_747]),
+            "{adam:?}"
+        );
+        let plain = OptimizerConfig {
+            kind: OptimizerKind::Adam,
+            ..Default::default()
+        };
+        let no_decay = run_towards(plain, 3, 0.1, 3.0);
+        assert!(
+            close(&no_decay, &[1.1, 1.199_833_513, 1.299_376_607]),
+            "{no_decay:?}"
+        );
+        let adamw = run_towards(with(OptimizerKind::Adamw), 3, 0.1, 3.0);
+        assert!(close(&adamw, &[1.0, 1.0, 1.0]), "{adamw:?}");
     }
 
     #[test]
