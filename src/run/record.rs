@@ -93,16 +93,27 @@ impl Recorder for Plots {
     }
 }
 
-/// `summary.json`.
-pub struct SummaryJson;
+/// `summary.json`, written under the lock the abort hook takes, so that once a
+/// second signal has marked the run `interrupted` nothing overwrites it.
+pub struct SummaryJson {
+    latest: Arc<Mutex<Summary>>,
+}
+
+impl SummaryJson {
+    fn write(&self, run: &RunDir, summary: &Summary) -> Result<(), RunError> {
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        *latest = summary.clone();
+        Ok(run.write_summary(summary)?)
+    }
+}
 
 impl Recorder for SummaryJson {
     fn epoch_end(&mut self, end: &EpochEnd) -> Result<(), RunError> {
-        Ok(end.run.write_summary(end.summary)?)
+        self.write(end.run, end.summary)
     }
 
     fn run_end(&mut self, run: &RunDir, summary: &Summary) -> Result<(), RunError> {
-        Ok(run.write_summary(summary)?)
+        self.write(run, summary)
     }
 }
 
@@ -322,7 +333,9 @@ impl RunRecord {
                 Box::new(TrainingState),
                 Box::new(MetricsCsv),
                 Box::new(Plots),
-                Box::new(SummaryJson),
+                Box::new(SummaryJson {
+                    latest: Arc::clone(&written),
+                }),
                 Box::new(tensorboard),
                 Box::new(events),
             ],
@@ -422,7 +435,10 @@ impl RunRecord {
 /// marked `interrupted` (its completed epochs stay resumable).
 fn abort_hook(run: RunDir, written: Arc<Mutex<Summary>>) -> AbortHook {
     interrupt::on_abort(move |signal| {
-        let mut summary = written.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let guard = written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut summary = guard.clone();
+        // Held until the process exits: no later write of the run's own.
+        std::mem::forget(guard);
         if summary.status != Status::Running {
             return; // the run had already ended and said how
         }

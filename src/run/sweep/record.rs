@@ -181,7 +181,10 @@ impl<'a> RecordFile<'a> {
         let shared = Arc::clone(&written);
         let owned_path = path.to_path_buf();
         let abort = interrupt::on_abort(move |_| {
-            let mut record = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let guard = shared.lock().unwrap_or_else(|e| e.into_inner());
+            let mut record = guard.clone();
+            // Held until the process exits: no later write of the sweep's own.
+            std::mem::forget(guard);
             for entry in &mut record.runs {
                 if entry.status == Status::Running {
                     entry.status = Status::Interrupted;
@@ -197,8 +200,9 @@ impl<'a> RecordFile<'a> {
     }
 
     fn write(&self, record: &SweepRecord) -> Result<(), FileError> {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         record.write(self.path)?;
-        *self.written.lock().unwrap_or_else(|e| e.into_inner()) = record.clone();
+        *written = record.clone();
         Ok(())
     }
 }
