@@ -179,16 +179,27 @@ fn load_data(
     Ok(data)
 }
 
-/// Every epoch still to do: train, validate, record.
+/// Every epoch still to do: train, validate, record; with early stopping, until
+/// the validation accuracy has not improved for `train.early_stopping` epochs.
 fn train_epochs(
     trainer: &mut Trainer,
     data: &Datasets,
     record: &mut RunRecord,
 ) -> Result<(), RunError> {
     let epochs = record.summary.epochs;
+    let patience = trainer.setup().train.early_stopping;
     for epoch in record.epochs_done() + 1..=epochs {
         let metrics = train_epoch(trainer, data, epoch, epochs)?;
         record.epoch_end(metrics, trainer)?;
+        let since_best = epoch - record.summary.best_epoch.unwrap_or(epoch);
+        if patience > 0 && since_best >= patience {
+            tracing::info!(
+                epoch,
+                best_epoch = record.summary.best_epoch,
+                "early stop: no better validation accuracy for {patience} epochs"
+            );
+            break;
+        }
     }
     Ok(())
 }

@@ -50,6 +50,12 @@ pub struct TrainConfig {
     /// Batch size for validation and test evaluation (no gradients, so larger).
     #[default(1000)]
     pub eval_batch_size: usize,
+    /// Label smoothing: the training target puts this much probability evenly on
+    /// all ten classes (0 = off). Validation and test losses stay plain.
+    pub label_smoothing: f64,
+    /// Early stopping: end the run after this many epochs without a better
+    /// validation accuracy (0 = off); the best epoch's checkpoint is tested.
+    pub early_stopping: usize,
 }
 
 impl TrainConfig {
@@ -63,6 +69,12 @@ impl TrainConfig {
             if value == 0 {
                 return invalid(key, "expected at least 1");
             }
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return invalid(
+                "train.label_smoothing",
+                format!("expected a number in [0, 1), got {}", self.label_smoothing),
+            );
         }
         Ok(())
     }

@@ -18,7 +18,8 @@ pub struct ScheduleConfig {
     pub gamma: f64,
     /// `cosine`: the rate the cosine decays to at the end of the run.
     pub min_lr: f64,
-    /// Linear warm-up from 0 over this many epochs (fractions allowed), any kind.
+    /// Linear warm-up from 0 over this many epochs (fractions allowed), any kind;
+    /// for `one_cycle`, the rise (unset: 30% of the run).
     pub warmup_epochs: f64,
 }
 
@@ -29,6 +30,9 @@ pub enum ScheduleKind {
     Constant,
     Step,
     Cosine,
+    /// PyTorch's `OneCycleLR`: a cosine rise from `lr / 25` to `lr` over
+    /// `warmup_epochs` (or 30% of the run), then a cosine fall to `lr / 25 / 1e4`.
+    OneCycle,
 }
 
 impl ScheduleConfig {
@@ -75,7 +79,8 @@ pub fn learning_rate(
     total_epochs: usize,
 ) -> f64 {
     let warmup = schedule.warmup_epochs;
-    if epochs_done < warmup {
+    // One-cycle rises in its own way; the others share the linear warm-up.
+    if schedule.kind != ScheduleKind::OneCycle && epochs_done < warmup {
         return base_lr * epochs_done / warmup;
     }
     match schedule.kind {
@@ -90,12 +95,49 @@ pub fn learning_rate(
             let cosine = (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0;
             schedule.min_lr + (base_lr - schedule.min_lr) * cosine
         }
+        ScheduleKind::OneCycle => one_cycle(base_lr, epochs_done, warmup, total_epochs),
+    }
+}
+
+/// The one-cycle rate: `warmup` epochs of rise (0: 30% of the run), the rest fall.
+fn one_cycle(peak: f64, epochs_done: f64, warmup: f64, total_epochs: usize) -> f64 {
+    let total = total_epochs as f64;
+    let rise = if warmup > 0.0 { warmup } else { 0.3 * total };
+    let (start, end) = (peak / 25.0, peak / 25.0 / 1e4);
+    // Cosine from `from` to `to` as `t` goes 0 to 1.
+    let anneal = |from: f64, to: f64, t: f64| {
+        to + (from - to) * (1.0 + (std::f64::consts::PI * t.clamp(0.0, 1.0)).cos()) / 2.0
+    };
+    if epochs_done < rise {
+        anneal(start, peak, epochs_done / rise)
+    } else {
+        anneal(
+            peak,
+            end,
+            (epochs_done - rise) / (total - rise).max(f64::EPSILON),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_cycle_rises_from_a_25th_to_the_peak_then_falls_far_below() {
+        let schedule = ScheduleConfig {
+            kind: ScheduleKind::OneCycle,
+            ..Default::default()
+        };
+        let lr = |epochs_done| learning_rate(&schedule, 0.1, epochs_done, 20);
+        assert!((lr(0.0) - 0.004).abs() < 1e-12);
+        assert!(
+            (lr(6.0) - 0.1).abs() < 1e-12,
+            "the peak at 30% of 20 epochs"
+        );
+        assert!(lr(3.0) > 0.004 && lr(3.0) < 0.1 && lr(13.0) < 0.1);
+        assert!((lr(20.0) - 0.1 / 25.0 / 1e4).abs() < 1e-12);
+    }
 
     #[test]
     fn schedules() {

@@ -132,6 +132,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// What the trainer was built from.
+    pub fn setup(&self) -> &TrainSetup {
+        &self.setup
+    }
+
     pub fn parameter_count(&self) -> usize {
         model::parameter_count(&self.varmap)
     }
@@ -209,9 +214,10 @@ impl Trainer {
         lr: f64,
     ) -> Result<(Tensor, Tensor)> {
         let model = self.model.as_ref();
+        let smoothing = self.setup.train.label_smoothing;
         let (logits, loss, grads) = kernels::install(|| -> Result<_> {
             let logits = model.logits(images, true)?;
-            let loss = kernels::cross_entropy(&logits, labels)?;
+            let loss = smoothed_cross_entropy(&logits, labels, smoothing)?;
             let grads = loss.backward()?;
             Ok((logits, loss, grads))
         })?;
@@ -225,6 +231,17 @@ impl Trainer {
     pub fn evaluate(&self, set: &Tensors) -> Result<Score> {
         evaluate(self.model.as_ref(), set, self.setup.train.eval_batch_size)
     }
+}
+
+/// Cross-entropy against labels smoothed by `smoothing` (PyTorch's
+/// `label_smoothing`): `(1 - s) * CE(z, y) + s * mean over classes of -log softmax(z)`.
+pub fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let plain = kernels::cross_entropy(logits, labels)?;
+    if smoothing == 0.0 {
+        return Ok(plain);
+    }
+    let uniform = candle_nn::ops::log_softmax(logits, 1)?.mean_all()?.neg()?;
+    (plain * (1.0 - smoothing))? + (uniform * smoothing)?
 }
 
 /// Loss and accuracy of `model` on `set`, in batches of `batch_size`.
@@ -253,4 +270,25 @@ fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         .eq(labels)?
         .to_dtype(DType::F32)?
         .sum_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_smoothing_matches_pytorch() {
+        // z[0] = (0..10) / 7 - 1, z[1] the same reversed; labels 3 and 8.
+        // torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1) = 2.706796...
+        let row: Vec<f32> = (0..10).map(|i| i as f32 / 7.0 - 1.0).collect();
+        let reversed: Vec<f32> = row.iter().rev().copied().collect();
+        let logits = Tensor::from_vec([row, reversed].concat(), (2, 10), &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[3u32, 8], &Device::Cpu).unwrap();
+        let loss = |s| {
+            let loss = kernels::install(|| smoothed_cross_entropy(&logits, &labels, s)).unwrap();
+            loss.to_scalar::<f32>().unwrap()
+        };
+        assert!((loss(0.1) - 2.706_796_5).abs() < 1e-5, "{}", loss(0.1));
+        assert!((loss(0.0) - 2.742_510_7).abs() < 1e-5, "{}", loss(0.0));
+    }
 }
