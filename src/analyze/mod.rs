@@ -1,5 +1,5 @@
-//! After training: reading runs back, comparing, evaluating, predicting, reporting
-//! and benchmarking.
+//! After training: reading runs back, comparing, evaluating, predicting, reporting,
+//! grouping seeds and benchmarking.
 
 use std::path::PathBuf;
 
@@ -9,6 +9,7 @@ pub mod evaluate;
 pub mod inspect;
 pub mod predict;
 pub mod report;
+pub mod seeds;
 
 /// What can go wrong when reading, evaluating or benchmarking runs.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use clap::Args;
 use crate::analyze::evaluate::{self, TrainedModel};
 use crate::analyze::inspect::{self, Filter, Sort};
 use crate::analyze::report::{self, ReportOptions};
-use crate::analyze::{compare, predict};
+use crate::analyze::{compare, predict, seeds};
 use crate::config::Override;
 use crate::run::rundir;
 use crate::util::table::{Table, percent};
@@ -29,6 +29,10 @@ pub(super) struct RunsArgs {
     /// (repeatable; `status` and `model` too).
     #[arg(long = "filter", value_name = "KEY=VALUE")]
     filters: Vec<Filter>,
+    /// One row per group of completed runs that differ only by seed: mean ±
+    /// standard deviation of the accuracies, and n.
+    #[arg(long)]
+    group: bool,
     /// Print JSON for scripts instead of a table.
     #[arg(long)]
     json: bool,
@@ -46,6 +50,11 @@ impl RunsArgs {
             println!("{}", inspect::runs_json(&runs));
         } else if runs.is_empty() {
             eprintln!("no runs in {}", self.dir.display());
+        } else if self.group {
+            print!(
+                "{}",
+                seeds::groups_table(&seeds::seed_groups(&runs)).to_text()
+            );
         } else {
             print!("{}", inspect::runs_table(&runs, &self.columns).to_text());
         }

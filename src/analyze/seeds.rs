@@ -1,0 +1,121 @@
+//! Seeds as an axis: runs that differ only by their seed are one experiment
+//! measured several times, shown as mean, spread and n.
+
+use crate::analyze::inspect::RunInfo;
+use crate::run::rundir::{Status, Summary};
+use crate::util::table::Table;
+
+/// Runs that differ only by their seed: one experiment, measured several times.
+pub struct SeedGroup<'a> {
+    /// The runs' name without its `seed_N` part.
+    pub label: String,
+    pub runs: Vec<&'a RunInfo>,
+}
+
+/// Groups completed runs whose hyperparameters are equal but for the seed, in
+/// order of first appearance.
+pub fn seed_groups(runs: &[RunInfo]) -> Vec<SeedGroup<'_>> {
+    let mut groups: Vec<(String, SeedGroup)> = Vec::new();
+    for run in runs
+        .iter()
+        .filter(|r| r.summary.status == Status::Completed)
+    {
+        let mut hparams = run.summary.hparams.clone();
+        if hparams.is_empty()
+            && let Some(config) = &run.config
+        {
+            hparams = config.hyperparameters();
+        }
+        hparams.remove("seed");
+        let key = serde_json::to_string(&hparams).expect("hyperparameters serialise");
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, group)) => group.runs.push(run),
+            None => {
+                let label = without_seed(&run.summary.name);
+                groups.push((
+                    key,
+                    SeedGroup {
+                        label,
+                        runs: vec![run],
+                    },
+                ));
+            }
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
+}
+
+/// `lenet5_best-seed_2` -> `lenet5_best`: the sweep's name part for a seed dropped.
+fn without_seed(name: &str) -> String {
+    let parts: Vec<&str> = name
+        .split('-')
+        .filter(|p| !p.starts_with("seed_"))
+        .collect();
+    parts.join("-")
+}
+
+/// Mean and sample standard deviation (0 for one value).
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, variance.sqrt())
+}
+
+/// `99.12% ± 0.05`: a mean accuracy and its spread in percentage points.
+pub fn percent_spread(values: &[f64]) -> String {
+    let (mean, std) = mean_std(values);
+    format!("{:.2}% ± {:.2}", 100.0 * mean, 100.0 * std)
+}
+
+/// `mnist-lab runs --group`: one row per group of runs that differ only by seed.
+pub fn groups_table(groups: &[SeedGroup]) -> Table {
+    let mut table = Table::new(&[
+        "experiment",
+        "model",
+        "regularisation",
+        "n",
+        "seeds",
+        "best val",
+        "test acc",
+        "wall",
+    ]);
+    for group in groups {
+        let first = group.runs[0];
+        let collect = |f: fn(&Summary) -> Option<f64>| -> Vec<f64> {
+            group.runs.iter().filter_map(|r| f(&r.summary)).collect()
+        };
+        let seeds: Vec<String> = group
+            .runs
+            .iter()
+            .map(|r| r.summary.seed.to_string())
+            .collect();
+        let walls: Vec<f64> = group.runs.iter().map(|r| r.summary.wall_secs).collect();
+        table.push(vec![
+            group.label.clone(),
+            first.summary.model.clone(),
+            first.regularisation(),
+            group.runs.len().to_string(),
+            seeds.join(","),
+            percent_spread(&collect(|s| s.best_val_acc)),
+            percent_spread(&collect(|s| s.test_acc)),
+            format!("{:.0}s", mean_std(&walls).0),
+        ]);
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_the_sample_standard_deviation() {
+        let (mean, std) = mean_std(&[0.99, 0.992, 0.994]);
+        assert!((mean - 0.992).abs() < 1e-12 && (std - 0.002).abs() < 1e-12);
+        assert_eq!(mean_std(&[0.5]), (0.5, 0.0));
+        assert_eq!(percent_spread(&[0.99, 0.992, 0.994]), "99.20% ± 0.20");
+        assert_eq!(without_seed("lenet5_best-seed_2"), "lenet5_best");
+        assert_eq!(without_seed("g-lr_0.1-seed_0"), "g-lr_0.1");
+    }
+}
