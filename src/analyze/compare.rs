@@ -8,6 +8,7 @@ use plotters::prelude::SeriesLabelPosition;
 
 use crate::analyze::Result;
 use crate::analyze::inspect::{RUN_COLUMNS, RunInfo};
+use crate::analyze::seeds::{self, SeedGroup};
 use crate::run::metrics::{EpochMetrics, mean_epoch_secs};
 use crate::util::fsio::{FileError, write_atomic};
 use crate::util::plots::{self, Chart, PALETTE, Series};
@@ -59,6 +60,7 @@ pub fn validation_charts(curves: &[Curves]) -> [Chart; 2] {
                     .iter()
                     .map(|m| (m.epoch as f64, value(m)))
                     .collect(),
+                band: Vec::new(),
             })
             .collect()
     };
@@ -109,6 +111,17 @@ pub fn table(curves: &[Curves]) -> Table {
         table.push(cells);
     }
     table
+}
+
+/// [`write`] for groups of seeds: mean curves in bands, and mean ± std rows.
+pub fn write_groups(groups: &[SeedGroup], output_dir: &Path) -> Result<(PathBuf, String)> {
+    std::fs::create_dir_all(output_dir).map_err(FileError::on("create", output_dir))?;
+    let figure = output_dir.join(FIGURE_FILE);
+    plots::write_png(&figure, &seeds::group_charts(groups)?)?;
+    let table = seeds::groups_table(groups).to_markdown();
+    let markdown = format!("![validation curves over seeds]({FIGURE_FILE})\n\n{table}");
+    write_atomic(&output_dir.join(TABLE_FILE), markdown.as_bytes())?;
+    Ok((figure, table))
 }
 
 /// Writes `compare.png` and `compare.md` into `output_dir`; returns the markdown.

@@ -1,8 +1,13 @@
 //! Seeds as an axis: runs that differ only by their seed are one experiment
 //! measured several times, shown as mean, spread and n.
 
+use plotters::prelude::{RGBColor, SeriesLabelPosition};
+
+use crate::analyze::Result;
 use crate::analyze::inspect::RunInfo;
+use crate::run::metrics::EpochMetrics;
 use crate::run::rundir::{Status, Summary};
+use crate::util::plots::{Chart, PALETTE, Series};
 use crate::util::table::Table;
 
 /// Runs that differ only by their seed: one experiment, measured several times.
@@ -66,6 +71,65 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
 pub fn percent_spread(values: &[f64]) -> String {
     let (mean, std) = mean_std(values);
     format!("{:.2}% ± {:.2}", 100.0 * mean, 100.0 * std)
+}
+
+/// Validation accuracy and loss per epoch, one line per group: the mean over its
+/// seeds, in a band of one standard deviation either side.
+pub fn group_charts(groups: &[SeedGroup]) -> Result<[Chart; 2]> {
+    let mut histories = Vec::new();
+    for group in groups {
+        let runs: Vec<Vec<EpochMetrics>> = group
+            .runs
+            .iter()
+            .map(|r| r.metrics())
+            .collect::<Result<_>>()?;
+        histories.push(runs);
+    }
+    let series = |value: fn(&EpochMetrics) -> f64| -> Vec<Series> {
+        (groups.iter().zip(&histories).enumerate())
+            .map(|(i, (group, runs))| spread_series(group, runs, PALETTE[i % PALETTE.len()], value))
+            .collect()
+    };
+    Ok([
+        Chart {
+            title: "Validation accuracy over seeds".into(),
+            y_label: "accuracy (%)".into(),
+            series: series(|m| 100.0 * m.val_acc),
+            legend: SeriesLabelPosition::LowerRight,
+            marker: None,
+        },
+        Chart {
+            title: "Validation loss over seeds".into(),
+            y_label: "cross-entropy loss".into(),
+            series: series(|m| m.val_loss),
+            legend: SeriesLabelPosition::UpperRight,
+            marker: None,
+        },
+    ])
+}
+
+/// One group's mean curve and its band, over the epochs every run completed.
+fn spread_series(
+    group: &SeedGroup,
+    runs: &[Vec<EpochMetrics>],
+    color: RGBColor,
+    value: fn(&EpochMetrics) -> f64,
+) -> Series {
+    let epochs = runs.iter().map(Vec::len).min().unwrap_or(0);
+    let (mut points, mut band) = (Vec::new(), Vec::new());
+    for e in 0..epochs {
+        let values: Vec<f64> = runs.iter().map(|run| value(&run[e])).collect();
+        let (mean, std) = mean_std(&values);
+        let x = runs[0][e].epoch as f64;
+        points.push((x, mean));
+        band.push((x, mean - std, mean + std));
+    }
+    Series {
+        label: format!("{} (n={})", group.label, runs.len()),
+        color,
+        points,
+        band,
+    }
 }
 
 /// `mnist-lab runs --group`: one row per group of runs that differ only by seed.

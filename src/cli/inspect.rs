@@ -70,6 +70,10 @@ pub(super) struct CompareArgs {
     /// Where compare.png and compare.md go (default: runs/compare-<time>/).
     #[arg(long, value_name = "DIR")]
     output: Option<PathBuf>,
+    /// Runs that differ only by seed as one line each: the mean curve in a band
+    /// of one standard deviation, and a row of mean ± std.
+    #[arg(long)]
+    group: bool,
 }
 
 impl CompareArgs {
@@ -79,12 +83,15 @@ impl CompareArgs {
             .iter()
             .map(|dir| inspect::RunInfo::read(dir))
             .collect::<Result<Vec<_>, _>>()?;
-        let curves = compare::load(runs)?;
         let output = match self.output {
             Some(dir) => dir,
             None => crate::util::fsio::create_unique_dir(&PathBuf::from("runs"), "compare")?,
         };
-        let (figure, markdown) = compare::write(&curves, &output)?;
+        let (figure, markdown) = if self.group {
+            compare::write_groups(&seeds::seed_groups(&runs), &output)?
+        } else {
+            compare::write(&compare::load(runs)?, &output)?
+        };
         print!("{markdown}");
         eprintln!(
             "wrote {} and {}",

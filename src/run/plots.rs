@@ -20,6 +20,7 @@ pub fn run_charts(name: &str, metrics: &[EpochMetrics]) -> (Chart, Chart) {
         label: label.to_string(),
         color,
         points: metrics.iter().map(|m| (m.epoch as f64, value(m))).collect(),
+        band: Vec::new(),
     };
     let loss = Chart {
         title: format!("{name}: loss"),

@@ -39,11 +39,13 @@ pub const PALETTE: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-/// One labelled line: `(epoch, value)` points.
+/// One labelled line: `(epoch, value)` points, with an optional shaded band
+/// `(epoch, low, high)` around it (the spread over seeds).
 pub struct Series {
     pub label: String,
     pub color: RGBColor,
     pub points: Vec<(f64, f64)>,
+    pub band: Vec<(f64, f64, f64)>,
 }
 
 /// One chart: a title, the quantity on the y axis, and its lines.
@@ -164,6 +166,18 @@ where
     DB::ErrorType: 'static,
 {
     let color = series.color;
+    if !series.band.is_empty() {
+        // The band's outline: along the highs, back along the lows.
+        let outline: Vec<(f64, f64)> = (series.band.iter().map(|&(x, _, high)| (x, high)))
+            .chain(series.band.iter().rev().map(|&(x, low, _)| (x, low)))
+            .collect();
+        builder
+            .draw_series(std::iter::once(Polygon::new(
+                outline,
+                color.mix(0.2).filled(),
+            )))
+            .map_err(|e| e.to_string())?;
+    }
     builder
         .draw_series(LineSeries::new(
             series.points.clone(),
