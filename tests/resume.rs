@@ -13,11 +13,12 @@ mod common;
 use common::{assert_success, mnist_dir, run_binary};
 
 /// LeNet5 with every source of randomness on (shuffle, shift augmentation,
-/// dropout) and every kind of state (Adam moments, BatchNorm statistics), on
+/// dropout) and every kind of state (Adam moments, BatchNorm statistics, a
+/// moving average of the weights), on
 /// 4,000 images: a few tenths of a second per epoch.
 const EVERY_STATE: &str = "[model]\nbatch_norm = true\ndropout = 0.2\n\
     [data]\ntrain_size = 4000\nvalidation_size = 1000\ntest_size = 1000\naugment_shift = 2\n\
-    [optimizer]\nkind = \"adam\"\n[schedule]\nkind = \"cosine\"\n[train]\nepochs = 5\n";
+    [optimizer]\nkind = \"adam\"\n[schedule]\nkind = \"cosine\"\n[train]\nepochs = 5\nema_decay = 0.99\n";
 
 fn write_config(dir: &Path) -> String {
     let path = dir.join("every_state.toml");

@@ -227,7 +227,7 @@ fn train_epoch(
     })?;
     let train_secs = epoch_start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let validation = trainer.evaluate(&data.validation)?;
+    let validation = trainer.validate(&data.validation)?;
     Ok(EpochMetrics {
         epoch,
         train_loss: train.loss,

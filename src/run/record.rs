@@ -52,7 +52,9 @@ impl Recorder for Checkpoints {
         let trainer = end.trainer;
         if end.improved {
             let best = end.run.file(rundir::BEST_CHECKPOINT);
-            checkpoint::save(&trainer.varmap, trainer.steps, &best)?;
+            trainer.with_validated_weights(|varmap| {
+                checkpoint::save(varmap, trainer.steps, &best)
+            })??;
         }
         let last = end.run.file(rundir::LAST_CHECKPOINT);
         Ok(checkpoint::save(&trainer.varmap, trainer.steps, &last)?)

@@ -1,6 +1,7 @@
 //! Training: the `[train]` config, the loop over mini-batches ([`Trainer`]),
 //! optimisers ([`optim`]) and learning-rate schedules ([`schedule`]).
 
+pub mod ema;
 pub mod optim;
 pub mod schedule;
 mod trainer;
@@ -53,6 +54,10 @@ pub struct TrainConfig {
     /// Label smoothing: the training target puts this much probability evenly on
     /// all ten classes (0 = off). Validation and test losses stay plain.
     pub label_smoothing: f64,
+    /// Exponential moving average of the weights with this decay per step (0 =
+    /// off, 0.999 typical): the average is validated, kept as the best checkpoint
+    /// and tested; `last.safetensors` keeps the raw weights.
+    pub ema_decay: f64,
     /// Early stopping: end the run after this many epochs without a better
     /// validation accuracy (0 = off); the best epoch's checkpoint is tested.
     pub early_stopping: usize,
@@ -69,6 +74,12 @@ impl TrainConfig {
             if value == 0 {
                 return invalid(key, "expected at least 1");
             }
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return invalid(
+                "train.ema_decay",
+                format!("expected a number in [0, 1), got {}", self.ema_decay),
+            );
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return invalid(

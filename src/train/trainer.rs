@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Tensors;
 use crate::model::{self, Classifier};
 use crate::model::{checkpoint, kernels};
+use crate::train::ema::Ema;
 use crate::train::optim::Optimizer;
 use crate::train::schedule;
 use crate::train::{TrainError, TrainSetup};
@@ -38,6 +39,7 @@ pub struct TrainerState {
 /// BatchNorm's statistics) and the optimiser's state.
 const MODEL_PREFIX: &str = "model.";
 const OPTIMIZER_PREFIX: &str = "optimizer.";
+const EMA_PREFIX: &str = "ema.";
 
 /// The sums of an epoch in progress, still on the device: reading them
 /// ([`RunningScore::score`]) waits for the device, so it is done only when asked.
@@ -68,6 +70,8 @@ pub struct Trainer {
     augment_rng: ChaCha8Rng,
     /// Optimiser steps taken so far (PyTorch's BatchNorm `num_batches_tracked`).
     pub steps: u64,
+    /// The moving average of the weights, when `train.ema_decay` asks for one.
+    ema: Option<Ema>,
 }
 
 impl Trainer {
@@ -75,6 +79,10 @@ impl Trainer {
         let varmap = VarMap::new();
         let model = model::build(&setup.model, input_side, setup.seed, &varmap, device)?;
         let optimizer = Optimizer::new(&setup.optimizer, &varmap);
+        let ema = match setup.train.ema_decay {
+            0.0 => None,
+            decay => Some(Ema::new(&varmap, decay)?),
+        };
         Ok(Trainer {
             model,
             varmap,
@@ -83,11 +91,13 @@ impl Trainer {
             shuffle_rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0x5_4FF1E),
             augment_rng: ChaCha8Rng::seed_from_u64(setup.seed ^ 0xA_0637),
             steps: 0,
+            ema,
         })
     }
 
     /// Everything needed to continue this run exactly: the state, and the tensors
-    /// named `model.<variable>` and `optimizer.<parameter>.<buffer>`, on the CPU.
+    /// named `model.<variable>`, `ema.<variable>` (the moving average, if any) and
+    /// `optimizer.<parameter>.<buffer>`, on the CPU.
     pub fn snapshot(&self) -> Result<(TrainerState, Vec<(String, Tensor)>)> {
         let state = TrainerState {
             steps: self.steps,
@@ -99,6 +109,12 @@ impl Trainer {
         for (name, var) in self.varmap.data().lock().expect("varmap lock").iter() {
             let value = var.as_detached_tensor().to_device(&Device::Cpu)?;
             tensors.push((format!("{MODEL_PREFIX}{name}"), value));
+        }
+        for (name, value) in self.ema.iter().flat_map(Ema::tensors) {
+            tensors.push((
+                format!("{EMA_PREFIX}{name}"),
+                value.to_device(&Device::Cpu)?,
+            ));
         }
         for (name, value) in self.optimizer.state_tensors() {
             tensors.push((
@@ -125,6 +141,9 @@ impl Trainer {
         checkpoint::assign(&self.varmap, &with_prefix(MODEL_PREFIX), origin)?;
         self.optimizer
             .restore(&with_prefix(OPTIMIZER_PREFIX), state.steps)?;
+        if let Some(ema) = &mut self.ema {
+            ema.restore(&with_prefix(EMA_PREFIX))?;
+        }
         self.steps = state.steps;
         self.shuffle_rng = state.shuffle_rng.clone();
         self.augment_rng = state.augment_rng.clone();
@@ -222,14 +241,35 @@ impl Trainer {
             Ok((logits, loss, grads))
         })?;
         self.optimizer.step(&grads, lr)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update()?;
+        }
         self.steps += 1;
         Ok((loss.detach(), logits.detach()))
     }
 
     /// Loss and accuracy on `set` in evaluation mode (running BatchNorm statistics,
-    /// no dropout).
+    /// no dropout), with the weights in the variables.
     pub fn evaluate(&self, set: &Tensors) -> Result<Score> {
         evaluate(self.model.as_ref(), set, self.setup.train.eval_batch_size)
+    }
+
+    /// [`Trainer::evaluate`] with the weights a run validates: the moving
+    /// average when there is one, else the raw weights.
+    pub fn validate(&self, set: &Tensors) -> Result<Score> {
+        match &self.ema {
+            Some(ema) => ema.with_averaged(|| self.evaluate(set)),
+            None => self.evaluate(set),
+        }
+    }
+
+    /// Runs `work` with the weights a run validates in the variables (see
+    /// [`Trainer::validate`]): what the best checkpoint keeps.
+    pub fn with_validated_weights<R>(&self, work: impl FnOnce(&VarMap) -> R) -> Result<R> {
+        match &self.ema {
+            Some(ema) => ema.with_averaged(|| Ok(work(&self.varmap))),
+            None => Ok(work(&self.varmap)),
+        }
     }
 }
 
