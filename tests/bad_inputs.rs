@@ -281,3 +281,46 @@ fn output_into_a_closed_pipe_ends_quietly() {
     child.wait().unwrap();
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Runs `mount` (root only); false when this machine will not.
+fn mount_tmpfs(dir: &Path, size: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return false;
+    }
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_full_disk_fails_clearly_and_leaves_no_run() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("small-disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    if !mount_tmpfs(&disk, "160k") {
+        let note =
+            "skipped a_full_disk_fails_clearly_and_leaves_no_run: it mounts a tmpfs (root)\n";
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), note.as_bytes());
+        return;
+    }
+    let runs = disk.join("runs");
+    // The first checkpoint (245 KB of weights) cannot fit in 160 KB.
+    let output = run_binary(&[
+        "run",
+        &quick_config(work.path()),
+        "--runs-dir",
+        runs.to_str().unwrap(),
+    ]);
+    let left = std::fs::read_dir(&runs).map_or(0, |d| d.count());
+    let _ = Command::new("umount").arg(&disk).status();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("No space left on device") && err.contains("cannot write"),
+        "{err}"
+    );
+    assert_eq!(left, 0, "a run that completed no epoch leaves nothing");
+}

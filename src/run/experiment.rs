@@ -149,7 +149,7 @@ fn train_and_test(
         .and_then(|()| test_best_epoch(trainer, &record.run, data));
     let test = match test {
         // A run that completed no epoch has nothing to keep: it leaves no directory.
-        Err(error) if record.epochs_done() == 0 => {
+        Err(error) if record.epochs_recorded() == 0 => {
             record.run.remove();
             return Err(error);
         }

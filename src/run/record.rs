@@ -236,6 +236,8 @@ pub struct RunRecord {
     pub summary: Summary,
     history: Vec<EpochMetrics>,
     recorders: Vec<Box<dyn Recorder>>,
+    /// Epochs whose files were all written.
+    recorded: usize,
     /// `optimizer.lr`, which a divergence error says to lower.
     peak_lr: f64,
     /// Wall time of the run's earlier sessions (before a resume).
@@ -326,6 +328,7 @@ impl RunRecord {
         Ok(RunRecord {
             run,
             peak_lr: config.optimizer.lr(),
+            recorded: history.len(),
             earlier_wall_secs: summary.wall_secs,
             session_start: std::time::Instant::now(),
             summary,
@@ -349,6 +352,11 @@ impl RunRecord {
     /// Epochs completed so far.
     pub fn epochs_done(&self) -> usize {
         self.history.len()
+    }
+
+    /// Epochs whose files were all written: what a stopped run has to keep.
+    pub fn epochs_recorded(&self) -> usize {
+        self.recorded
     }
 
     /// Logs an epoch's figures and has every recorder write its output. A
@@ -383,6 +391,7 @@ impl RunRecord {
         for recorder in &mut self.recorders {
             recorder.epoch_end(&end)?;
         }
+        self.recorded = self.history.len();
         Ok(())
     }
 
