@@ -337,6 +337,24 @@ fn eval_predict_and_compare_use_a_trained_run() {
     assert_eq!(markdown.matches("| custom_mlp |").count(), 2, "{markdown}");
     let figure = image::open(out_dir.join("compare.png")).unwrap();
     assert!(figure.width() >= 1600);
+    // --group: runs equal but for the seed are one row, mean ± std over n.
+    let grouped_dir = work.path().join("grouped");
+    let grouped_arg = grouped_dir.display().to_string();
+    let output = run_binary(&[
+        "compare",
+        &run_arg,
+        &run_arg,
+        "--group",
+        "--output",
+        &grouped_arg,
+    ]);
+    assert_success(&output);
+    let markdown = std::fs::read_to_string(grouped_dir.join("compare.md")).unwrap();
+    assert!(
+        markdown.contains("| quick | custom_mlp |") && markdown.contains("| 2 |"),
+        "{markdown}"
+    );
+    image::open(grouped_dir.join("compare.png")).unwrap();
 
     // Bad arguments: clear errors.
     let output = run_binary(&["eval", "no/such/run"]);
