@@ -148,7 +148,11 @@ impl Config {
             optimizer: self.optimizer.clone(),
             schedule: self.schedule.clone(),
             train: self.train.clone(),
-            augment_shift: self.data.augment_shift,
+            augment: crate::data::augment::Augment {
+                shift: self.data.augment_shift,
+                rotate_degrees: self.data.augment_rotate,
+                scale: self.data.augment_scale,
+            },
             seed: self.seed,
         }
     }

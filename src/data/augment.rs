@@ -1,11 +1,66 @@
-//! Shift augmentation: each training image translated by a random whole-pixel
-//! offset, as one gather of pixel indices (computed on the device off the CPU).
+//! Geometric augmentation: each training image translated by a random
+//! whole-pixel offset, and optionally rotated and scaled about its centre, as
+//! one gather of pixel indices (nearest neighbour).
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::prepare::Tensors;
 
+/// The random geometry applied to each training image, drawn anew per epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Augment {
+    /// Up to this many pixels along each axis.
+    pub shift: usize,
+    /// Up to this many degrees either way.
+    pub rotate_degrees: f64,
+    /// A factor within `1 ± scale`.
+    pub scale: f64,
+}
+
+impl Augment {
+    pub fn is_off(&self) -> bool {
+        self.shift == 0 && !self.warps()
+    }
+
+    fn warps(&self) -> bool {
+        self.rotate_degrees > 0.0 || self.scale > 0.0
+    }
+}
+
 impl Tensors {
+    /// The examples at `indices`, each moved by its own draw of `augment`. Shifts
+    /// alone take [`Tensors::gather_shifted`] (the same draws as before rotation
+    /// and scaling existed); with those, the indices are built on the host.
+    pub fn gather_augmented(
+        &self,
+        indices: &Tensor,
+        host_indices: &[u32],
+        augment: Augment,
+        rng: &mut impl rand::Rng,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        if !augment.warps() {
+            return self.gather_shifted(indices, host_indices, augment.shift, rng);
+        }
+        let max = augment.shift as i64;
+        let draws: Vec<Warp> = host_indices
+            .iter()
+            .map(|_| Warp {
+                dy: rng.random_range(-max..=max) as f64,
+                dx: rng.random_range(-max..=max) as f64,
+                angle: rng.random_range(-1.0..=1.0) * augment.rotate_degrees.to_radians(),
+                scale: 1.0 + rng.random_range(-1.0..=1.0) * augment.scale,
+            })
+            .collect();
+        let (_, _, height, width) = self.images.dims4()?;
+        let pixels = warped_pixels(host_indices, &draws, height, width, self.images.device())?;
+        let images = self
+            .images
+            .flatten_all()?
+            .index_select(&pixels, 0)?
+            .reshape((host_indices.len(), 1, height, width))?;
+        Ok((images, self.labels.index_select(indices, 0)?))
+    }
+
     /// The examples at `indices` (a u32 tensor on the tensors' device; `host_indices`
     /// holds the same values), each translated by a random whole-pixel offset of up
     /// to `max_shift` along each axis, edge pixels repeated into the gap (MNIST's
@@ -36,6 +91,44 @@ impl Tensors {
             .reshape((host_indices.len(), 1, height, width))?;
         Ok((images, self.labels.index_select(indices, 0)?))
     }
+}
+
+/// One image's draw: a shift, then a rotation and a scaling about the centre.
+struct Warp {
+    dy: f64,
+    dx: f64,
+    angle: f64,
+    scale: f64,
+}
+
+/// Flat pixel indices of images `indices`, each output pixel taking the nearest
+/// source pixel under the inverse of its image's warp, edges clamped.
+fn warped_pixels(
+    indices: &[u32],
+    warps: &[Warp],
+    height: usize,
+    width: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let plane = height * width;
+    let (cy, cx) = ((height as f64 - 1.0) / 2.0, (width as f64 - 1.0) / 2.0);
+    let mut pixels = Vec::with_capacity(indices.len() * plane);
+    for (&image, warp) in indices.iter().zip(warps) {
+        let base = image as usize * plane;
+        let (sin, cos) = warp.angle.sin_cos();
+        for y in 0..height {
+            for x in 0..width {
+                // Undo the shift, then the rotation and the scaling about the centre.
+                let (u, v) = (x as f64 - warp.dx - cx, y as f64 - warp.dy - cy);
+                let sx = (cos * u + sin * v) / warp.scale + cx;
+                let sy = (-sin * u + cos * v) / warp.scale + cy;
+                let sx = (sx.round() as i64).clamp(0, width as i64 - 1) as usize;
+                let sy = (sy.round() as i64).clamp(0, height as i64 - 1) as usize;
+                pixels.push((base + sy * width + sx) as u32);
+            }
+        }
+    }
+    Tensor::from_vec(pixels, indices.len() * plane, device)
 }
 
 /// Flat pixel indices of images `indices`, each shifted by `(dy, dx)` with edges
@@ -98,6 +191,56 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn a_warp_without_rotation_or_scaling_is_the_shift() {
+        let shifts = [(1i64, -2i64), (0, 3)];
+        let warps: Vec<Warp> = (shifts.iter())
+            .map(|&(dy, dx)| Warp {
+                dy: dy as f64,
+                dx: dx as f64,
+                angle: 0.0,
+                scale: 1.0,
+            })
+            .collect();
+        let indices = [0u32, 2];
+        let warped = warped_pixels(&indices, &warps, 6, 5, &Device::Cpu).unwrap();
+        let shifted = shifted_pixels_on_host(&indices, &shifts, 6, 5, &Device::Cpu).unwrap();
+        assert_eq!(
+            warped.to_vec1::<u32>().unwrap(),
+            shifted.to_vec1::<u32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_quarter_turn_about_the_centre_moves_a_corner_to_the_next() {
+        // 90 degrees (beyond the config's limit, but exact): the output's top-right
+        // pixel comes from the input's top-left one, the centre stays.
+        let warp = Warp {
+            dy: 0.0,
+            dx: 0.0,
+            angle: std::f64::consts::FRAC_PI_2,
+            scale: 1.0,
+        };
+        let map = warped_pixels(&[0], &[warp], 5, 5, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(map[12], 12, "the centre");
+        assert_eq!(map[4], 0, "top-right from top-left");
+        // Scaling by 2 draws the output's corner from halfway to the centre.
+        let zoom = Warp {
+            dy: 0.0,
+            dx: 0.0,
+            angle: 0.0,
+            scale: 2.0,
+        };
+        let map = warped_pixels(&[0], &[zoom], 5, 5, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(map[0], 6, "(0, 0) from (1, 1)");
+    }
 
     #[test]
     fn shifted_gather_translates_with_repeated_edges() {

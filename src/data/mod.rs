@@ -54,6 +54,12 @@ pub struct DataConfig {
     /// Augmentation: shift each training image by a random 0..=N pixels along
     /// each axis, every epoch anew (0 = off).
     pub augment_shift: usize,
+    /// Augmentation: rotate each training image by a random angle of up to this
+    /// many degrees either way about its centre, every epoch anew (0 = off).
+    pub augment_rotate: f64,
+    /// Augmentation: scale each training image by a random factor within
+    /// `1 ± augment_scale` about its centre (0 = off).
+    pub augment_scale: f64,
 }
 
 /// The largest `augment_shift`: beyond it digits leave MNIST's 4-pixel border.
@@ -84,6 +90,18 @@ impl DataConfig {
                     "expected 0 to {MAX_SHIFT} pixels, got {}",
                     self.augment_shift
                 ),
+            );
+        }
+        if !(0.0..=30.0).contains(&self.augment_rotate) {
+            return invalid(
+                "data.augment_rotate",
+                format!("expected 0 to 30 degrees, got {}", self.augment_rotate),
+            );
+        }
+        if !(0.0..=0.3).contains(&self.augment_scale) {
+            return invalid(
+                "data.augment_scale",
+                format!("expected 0 to 0.3, got {}", self.augment_scale),
             );
         }
         if self.train_size == Some(0) {

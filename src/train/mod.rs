@@ -98,8 +98,8 @@ pub struct TrainSetup {
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
-    /// `data.augment_shift`.
-    pub augment_shift: usize,
+    /// `data.augment_shift`, `data.augment_rotate`, `data.augment_scale`.
+    pub augment: crate::data::augment::Augment,
     /// Seeds initialisation, shuffling, augmentation and dropout.
     pub seed: u64,
 }

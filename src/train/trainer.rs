@@ -200,9 +200,11 @@ impl Trainer {
                 continue;
             }
             let lr = self.learning_rate(epoch as f64 + index as f64 / batches as f64);
-            let (images, labels) = match self.setup.augment_shift {
-                0 => train.gather(&batch)?,
-                shift => train.gather_shifted(&batch, chunk, shift, &mut self.augment_rng)?,
+            let augment = self.setup.augment;
+            let (images, labels) = if augment.is_off() {
+                train.gather(&batch)?
+            } else {
+                train.gather_augmented(&batch, chunk, augment, &mut self.augment_rng)?
             };
             let (loss, logits) = self.train_step(&images, &labels, lr)?;
             loss_sum = (loss_sum + (loss * chunk.len() as f64)?)?;
