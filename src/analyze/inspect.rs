@@ -82,6 +82,18 @@ pub fn regularisation(config: &Config) -> String {
     if config.data.augment_shift > 0 {
         parts.push(format!("shift {}", config.data.augment_shift));
     }
+    if config.data.augment_rotate > 0.0 {
+        parts.push(format!("rotate {}", config.data.augment_rotate));
+    }
+    if config.data.augment_scale > 0.0 {
+        parts.push(format!("scale {}", config.data.augment_scale));
+    }
+    if config.train.label_smoothing > 0.0 {
+        parts.push(format!("smoothing {}", config.train.label_smoothing));
+    }
+    if config.train.ema_decay > 0.0 {
+        parts.push(format!("EMA {}", config.train.ema_decay));
+    }
     if parts.is_empty() {
         "none".into()
     } else {
