@@ -16,7 +16,7 @@ runs *ARGS:
 report *ARGS:
     cargo run --release -- report {{ARGS}}
 
-# The test suite (set MNIST_DIR, or keep ../shared/data/mnist beside the checkout).
+# The test suite: full MNIST from MNIST_DIR or data/mnist, else the subset in tests/data.
 test:
     cargo test --release
 
@@ -42,3 +42,8 @@ check-cuda:
 # Property tests ("fuzzing") of the IDX reader, config and --set parsing and image decoding, at length.
 fuzz CASES="20000":
     PROPTEST_CASES={{CASES}} cargo test --release --test fuzz
+
+# Run configs over seeds 0, 1, 2 and show each as mean ± std: `just seeds configs/lenet5_best.toml`.
+seeds +CONFIGS="configs/lenet5_best.toml configs/custom_mlp_best.toml configs/lenet5_reg_best.toml configs/custom_mlp_reg_best.toml":
+    cargo run --release -- sweep {{CONFIGS}} --set seed=0,1,2 --runs-dir runs/seeds
+    cargo run --release -- runs runs/seeds --group
