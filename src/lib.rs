@@ -5,18 +5,20 @@
 //! below it (`tests/layers.rs` checks it):
 //!
 //! - [`util`]: shared pieces: atomic files, devices, signals, tables, plots,
-//!   progress bars, logging.
+//!   progress bars, logging, TensorBoard event files.
 //! - [`data`]: the `[data]` config; MNIST found or downloaded, read, split,
 //!   prepared as tensors, augmented.
 //! - [`model`]: the `[model]` config and the list of model kinds; the networks,
 //!   their layers, the fast CPU kernels, checkpoints.
 //! - [`train`]: the `[train]`, `[optimizer]` and `[schedule]` configs; the
-//!   trainer (one epoch, one step, evaluation), optimisers, schedules.
+//!   trainer (one epoch, one step, evaluation), optimisers, schedules, the
+//!   moving average of the weights.
 //! - [`config`]: the whole config file: loading, `--set` overrides, validation,
 //!   the `[sweep]` grid.
-//! - [`run`]: one run into a run directory, its recorders, and sweeps.
-//! - [`analyze`]: runs read back, compared, evaluated, used to predict,
-//!   reported; throughput benchmarks.
+//! - [`run`]: one run into a run directory, its recorders, its training state
+//!   and resumption, and sweeps.
+//! - [`analyze`]: runs read back, grouped over seeds, compared, evaluated, used
+//!   to predict, reported; throughput benchmarks.
 //! - [`cli`]: the command line.
 
 pub mod analyze;
