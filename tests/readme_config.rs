@@ -45,28 +45,16 @@ fn backticked(cell: &str) -> Vec<String> {
 
 /// Every leaf of the default config as a dotted key and its value.
 fn default_leaves() -> BTreeMap<String, toml::Value> {
-    fn walk(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
-        match value {
-            toml::Value::Table(table) if !table.is_empty() => {
-                for (key, value) in table {
-                    let dotted = if prefix.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{prefix}.{key}")
-                    };
-                    walk(&dotted, value, out);
-                }
-            }
-            _ => {
-                out.insert(prefix.to_string(), value.clone());
-            }
-        }
-    }
-    let text = toml::to_string(&Config::default()).expect("the default config serialises");
-    let value: toml::Value = toml::from_str(&text).expect("and parses back");
-    let mut leaves = BTreeMap::new();
-    walk("", &value, &mut leaves);
-    leaves
+    Config::default()
+        .flattened()
+        .into_iter()
+        .map(|(key, value)| {
+            (
+                key,
+                toml::Value::try_from(value).expect("a JSON leaf is TOML"),
+            )
+        })
+        .collect()
 }
 
 #[test]

@@ -120,18 +120,29 @@ impl Config {
 
     /// The config with every default filled in, as TOML: what a run saves.
     pub fn to_toml(&self) -> String {
-        let mut resolved = self.clone();
-        resolved.optimizer.lr = Some(self.optimizer.lr());
-        toml::to_string_pretty(&resolved).expect("a Config always serializes to TOML")
+        toml::to_string_pretty(&self.resolved()).expect("a Config always serializes to TOML")
     }
 
-    /// What the run learns with, as flat dotted keys (`optimizer.lr`,
-    /// `model.batch_norm`, ...) with the learning-rate default resolved: every
-    /// field but the name, the sweep grid, where the data is and the device.
-    pub fn hyperparameters(&self) -> BTreeMap<String, serde_json::Value> {
-        let resolved: toml::Value = toml::from_str(&self.to_toml()).expect("a config round-trips");
+    /// The config with the learning-rate default written in.
+    fn resolved(&self) -> Config {
+        let mut resolved = self.clone();
+        resolved.optimizer.lr = Some(self.optimizer.lr());
+        resolved
+    }
+
+    /// Every field as a flat dotted key (`optimizer.lr`, `model.batch_norm`,
+    /// `sweep` when the grid is empty), the learning-rate default resolved.
+    pub fn flattened(&self) -> BTreeMap<String, serde_json::Value> {
+        let resolved = toml::Value::try_from(self.resolved()).expect("a Config always serializes");
         let mut flat = BTreeMap::new();
         flatten("", &resolved, &mut flat);
+        flat
+    }
+
+    /// What the run learns with: the [`Config::flattened`] keys but the name,
+    /// the sweep grid, where the data is and the device.
+    pub fn hyperparameters(&self) -> BTreeMap<String, serde_json::Value> {
+        let mut flat = self.flattened();
         flat.retain(|key, _| {
             !(key == "name"
                 || key == "data.dir"
@@ -161,7 +172,7 @@ impl Config {
 /// Adds the leaves of `value` under `prefix` to `out` as JSON values.
 fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, serde_json::Value>) {
     match value {
-        toml::Value::Table(table) => {
+        toml::Value::Table(table) if !table.is_empty() => {
             for (key, value) in table {
                 let dotted = if prefix.is_empty() {
                     key.clone()
