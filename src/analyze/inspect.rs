@@ -1,6 +1,7 @@
 //! Reading finished (or running) runs back from disk: `mnist-lab runs` lists them,
 //! and `compare`, `eval` and `report` start from what this module finds.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -18,6 +19,9 @@ pub struct RunInfo {
     pub dir: PathBuf,
     pub summary: Summary,
     pub config: Option<Config>,
+    /// The hyperparameters the run recorded, over those its saved config gives
+    /// (so keys newer than the run read as their defaults).
+    pub hparams: BTreeMap<String, serde_json::Value>,
 }
 
 impl RunInfo {
@@ -34,10 +38,16 @@ impl RunInfo {
         // A run whose process is gone is shown as what it is.
         summary.status = summary.effective_status();
         let config = Config::load(&dir.join(rundir::CONFIG_FILE), &[]).ok();
+        let mut hparams = config
+            .as_ref()
+            .map(Config::hyperparameters)
+            .unwrap_or_default();
+        hparams.extend(summary.hparams.clone());
         Ok(RunInfo {
             dir: dir.to_path_buf(),
             summary,
             config,
+            hparams,
         })
     }
 
@@ -180,8 +190,7 @@ impl RunInfo {
         match key {
             "status" => Some(self.summary.status.to_string().into()),
             "model" => Some(self.summary.model.clone().into()),
-            _ => (self.summary.hparams.get(key).cloned())
-                .or_else(|| self.config.as_ref()?.hyperparameters().remove(key)),
+            _ => self.hparams.get(key).cloned(),
         }
     }
 }

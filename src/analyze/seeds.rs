@@ -25,12 +25,7 @@ pub fn seed_groups(runs: &[RunInfo]) -> Vec<SeedGroup<'_>> {
         .iter()
         .filter(|r| r.summary.status == Status::Completed)
     {
-        let mut hparams = run.summary.hparams.clone();
-        if hparams.is_empty()
-            && let Some(config) = &run.config
-        {
-            hparams = config.hyperparameters();
-        }
+        let mut hparams = run.hparams.clone();
         hparams.remove("seed");
         let key = serde_json::to_string(&hparams).expect("hyperparameters serialise");
         match groups.iter_mut().find(|(k, _)| *k == key) {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::run::metrics::{EpochMetrics, metrics_csv};
+use crate::run::metrics::{EpochMetrics, metrics_csv, round};
 use crate::util::fsio::{FileError, create_unique_dir, read_text, write_atomic};
 use crate::util::system;
 
@@ -120,7 +120,7 @@ fn six_decimals<S: serde::Serializer>(
     value: &Option<f64>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    value.map(|v| (v * 1e6).round() / 1e6).serialize(serializer)
+    value.map(|v| round(v, 6)).serialize(serializer)
 }
 
 impl Summary {

@@ -52,7 +52,7 @@ impl SweepRecord {
     pub fn new(name: &str, shard: Option<Shard>, total_runs: usize, runs: &[PlannedRun]) -> Self {
         SweepRecord {
             name: name.to_string(),
-            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            started_at: crate::util::system::now_rfc3339(),
             shard: shard.map(|s| s.to_string()),
             total_runs,
             runs_dir: None,
