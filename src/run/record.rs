@@ -446,10 +446,7 @@ impl RunRecord {
 /// marked `interrupted` (its completed epochs stay resumable).
 fn abort_hook(run: RunDir, written: Arc<Mutex<Summary>>) -> AbortHook {
     interrupt::on_abort(move |signal| {
-        let guard = written.lock().unwrap_or_else(|e| e.into_inner());
-        let mut summary = guard.clone();
-        // Held until the process exits: no later write of the run's own.
-        std::mem::forget(guard);
+        let mut summary = interrupt::hold_until_exit(&written);
         if summary.status != Status::Running {
             return; // the run had already ended and said how
         }

@@ -90,6 +90,16 @@ pub fn on_abort(hook: impl Fn(Signal) + Send + 'static) -> AbortHook {
     AbortHook(id)
 }
 
+/// For an abort hook: the value in `shared`, with the lock kept until the
+/// process exits, so that no later write of its owner (which takes the same
+/// lock) can overwrite what the hook writes.
+pub fn hold_until_exit<T: Clone>(shared: &Mutex<T>) -> T {
+    let guard = shared.lock().unwrap_or_else(|e| e.into_inner());
+    let value = guard.clone();
+    std::mem::forget(guard);
+    value
+}
+
 /// Runs the registered hooks, newest first, then exits with 128 + the signal number.
 fn abort(signal: Signal) -> ! {
     let hooks = ABORT_HOOKS.lock().unwrap_or_else(|e| e.into_inner());

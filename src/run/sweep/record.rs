@@ -181,10 +181,7 @@ impl<'a> RecordFile<'a> {
         let shared = Arc::clone(&written);
         let owned_path = path.to_path_buf();
         let abort = interrupt::on_abort(move |_| {
-            let guard = shared.lock().unwrap_or_else(|e| e.into_inner());
-            let mut record = guard.clone();
-            // Held until the process exits: no later write of the sweep's own.
-            std::mem::forget(guard);
+            let mut record = interrupt::hold_until_exit(&shared);
             for entry in &mut record.runs {
                 if entry.status == Status::Running {
                     entry.status = Status::Interrupted;
