@@ -29,19 +29,7 @@ fn quick_config(dir: &Path) -> String {
 }
 
 fn trained_run(work: &Path) -> PathBuf {
-    let runs = work.join("runs");
-    assert_success(&run_binary(&[
-        "run",
-        &quick_config(work),
-        "--runs-dir",
-        runs.to_str().unwrap(),
-    ]));
-    std::fs::read_dir(&runs)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
+    common::trained_run(work, &quick_config(work))
 }
 
 #[test]

@@ -4,29 +4,19 @@
 //!
 //! MNIST comes from `MNIST_DIR` or `data/mnist`, else the subset in `tests/data`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use mnist_lab::run::rundir::{self, Status};
 
 mod common;
-use common::{assert_success, config_path, mnist_dir, run_binary};
+use common::{assert_success, config_path, mnist_dir, only_run, run_binary};
 
 fn mnist_lab(args: &[&str], runs_dir: &Path) -> Output {
     let runs_dir = runs_dir.display().to_string();
     let mut args = args.to_vec();
     args.extend(["--runs-dir", &runs_dir]);
     run_binary(&args)
-}
-
-/// The only run directory in `runs_dir`.
-fn single_run(runs_dir: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(runs_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
 }
 
 #[test]
@@ -52,7 +42,7 @@ fn lenet5_trains_on_a_subset_and_writes_a_complete_run() {
         runs.path(),
     );
     assert_success(&output);
-    let run = single_run(runs.path());
+    let run = only_run(runs.path());
     assert!(
         run.file_name()
             .unwrap()
@@ -189,8 +179,8 @@ fn regularised_mlp_trains_and_repeats_exactly_with_a_seed() {
     let first = tempfile::tempdir().unwrap();
     assert_success(&mnist_lab(&args, first.path()));
     assert_success(&mnist_lab(&args, runs.path()));
-    let a = single_run(first.path());
-    let b = single_run(runs.path());
+    let a = only_run(first.path());
+    let b = only_run(runs.path());
     let summary = rundir::read_summary(&a.join(rundir::SUMMARY_FILE)).unwrap();
     assert_eq!(summary.params, 61_450 + 2 * 6 * 48);
     assert!(summary.test_acc.unwrap() > 0.8, "{summary:?}");

@@ -10,7 +10,7 @@ use mnist_lab::run::metrics::read_metrics;
 use mnist_lab::run::rundir::{self, Status, Summary};
 
 mod common;
-use common::{assert_success, mnist_dir, run_binary};
+use common::{assert_success, mnist_dir, only_run, run_binary};
 
 /// LeNet5 with every source of randomness on (shuffle, shift augmentation,
 /// dropout) and every kind of state (Adam moments, BatchNorm statistics, a
@@ -35,16 +35,6 @@ fn spawn(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the binary starts")
-}
-
-/// The one run directory under `runs`, once it exists.
-fn only_run(runs: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(runs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
 }
 
 fn summary(run: &Path) -> Summary {

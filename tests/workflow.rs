@@ -225,15 +225,7 @@ fn trained_run(work: &Path) -> PathBuf {
         &work.join("quick.toml"),
         &format!("name = \"quick\"\n{QUICK_MLP}"),
     );
-    let runs = work.join("runs");
-    let output = run_binary(&["run", &config, "--runs-dir", &runs.display().to_string()]);
-    assert_success(&output);
-    std::fs::read_dir(&runs)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
+    common::trained_run(work, &config)
 }
 
 #[test]

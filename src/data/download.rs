@@ -46,7 +46,8 @@ pub fn all_files() -> Vec<&'static str> {
     MNIST_FILES.iter().map(|(stem, _)| *stem).collect()
 }
 
-fn holds(dir: &Path, stems: &[&str]) -> bool {
+/// Whether `dir` holds every file of `stems`, `.gz` or raw.
+pub fn holds(dir: &Path, stems: &[&str]) -> bool {
     stems.iter().all(|stem| find_file(dir, stem).is_some())
 }
 

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn holds_mnist(dir: &Path) -> bool {
-    mnist_lab::data::MNIST_FILES
-        .iter()
-        .all(|(stem, _)| dir.join(format!("{stem}.gz")).is_file() || dir.join(stem).is_file())
+    use mnist_lab::data::download::{all_files, holds};
+    holds(dir, &all_files())
 }
 
 /// Full MNIST, found as the binary finds it: `MNIST_DIR`, then `data/mnist`.
@@ -63,6 +62,28 @@ pub fn assert_success(output: &Output) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The one run directory under `runs`.
+pub fn only_run(runs: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+/// Trains the config file `config` into `<work>/runs` and returns its run directory.
+pub fn trained_run(work: &Path, config: &str) -> PathBuf {
+    let runs = work.join("runs");
+    assert_success(&run_binary(&[
+        "run",
+        config,
+        "--runs-dir",
+        runs.to_str().unwrap(),
+    ]));
+    only_run(&runs)
 }
 
 /// Runs the binary with quiet logs and MNIST from [`mnist_dir`].
