@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::data::download::MNIST_FILES;
+use crate::data::download::{MNIST_FILES, hex};
 use crate::data::{DataError, MNIST_SIDE, NUM_CLASSES, Result};
 use crate::util::fsio::FileError;
 
@@ -88,11 +88,7 @@ pub fn read_idx(
         )));
     }
     hasher.update(&data);
-    let sha = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = hex(&hasher.finalize());
     Ok((IdxArray { dims, data }, sha))
 }
 
