@@ -39,7 +39,7 @@ has_mnist "${MNIST_DIR:-}" || { echo "slurm-check: no MNIST found" >&2; exit 1; 
 export MNIST_DIR
 
 cargo build --release --quiet
-BIN=$ROOT/target/release/mnist-lab
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mnist-lab
 
 # --- a one-node cluster, unless one already answers -------------------------
 start_cluster() {
@@ -157,9 +157,15 @@ EOF
         done
         break
     fi
+    # A job that left the queue before then failed: say how.
+    [ -n "$(squeue -h -j "$JOB" 2>/dev/null)" ] || break
     sleep 0.2
 done
-[ "$requeued" = yes ] || { echo "slurm-check: shard 0 never ran mid-epoch" >&2; exit 1; }
+if [ "$requeued" != yes ]; then
+    echo "slurm-check: shard 0 never ran mid-epoch; the jobs' logs:" >&2
+    tail -5 "$WORK"/job-*.log >&2 || true
+    exit 1
+fi
 
 for _ in $(seq 600); do
     [ -z "$(squeue -h -j "$JOB" 2>/dev/null)" ] && break
