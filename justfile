@@ -38,6 +38,14 @@ bench-cuda *ARGS:
 check-cuda:
     bash scripts/check-cuda.sh
 
+# Link the cuda binary and its tests without a GPU, into target/cuda-dist, to carry to a GPU machine.
+build-cuda:
+    bash scripts/build-cuda.sh
+
+# On a GPU machine, over target/cuda-dist: CUDA tests, throughput beside PyTorch, the five configs.
+gpu-check:
+    bash scripts/gpu-check.sh
+
 
 # Property tests ("fuzzing") of the IDX reader, config and --set parsing and image decoding, at length.
 fuzz CASES="20000":

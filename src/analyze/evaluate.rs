@@ -77,7 +77,8 @@ impl TrainedModel {
         for start in (0..split.len()).step_by(batch) {
             let len = batch.min(split.len() - start);
             let images = prepared.images.narrow(0, start, len)?;
-            let logits: Tensor = kernels::install(|| self.model.logits(&images, false))?.detach();
+            let logits: Tensor =
+                kernels::install(&self.device, || self.model.logits(&images, false))?.detach();
             let rows = candle_nn::ops::log_softmax(&logits, 1)?.to_vec2::<f32>()?;
             out.extend(rows.into_iter().map(|row| {
                 let mut classes = [0f32; NUM_CLASSES];

@@ -207,8 +207,14 @@ impl Datasets {
             );
         }
         let test_idx = config.test_indices(mnist.test.len());
+        // Each split is made on a pool thread. On CUDA each thread queues its
+        // uploads on its own stream: wait for them there, before the caller's
+        // stream uses the tensors.
         let to_tensors = |split: &Split, indices: &[usize]| {
-            prepare::tensors(split, indices, config, device).map_err(DataError::Tensors)
+            let tensors =
+                prepare::tensors(split, indices, config, device).map_err(DataError::Tensors)?;
+            device.synchronize().map_err(DataError::Tensors)?;
+            Ok::<_, DataError>(tensors)
         };
         let (train, (validation, test)) = rayon::join(
             || to_tensors(&mnist.train, &train_idx[..train_len]),

@@ -120,7 +120,7 @@ mod tests {
         let images =
             (Tensor::rand(0f32, 1.0, (8, 1, 32, 32), &Device::Cpu).unwrap() * 3.0).unwrap();
         for _ in 0..3 {
-            crate::model::kernels::install(|| model.logits(&images, true)).unwrap();
+            crate::model::kernels::install(&Device::Cpu, || model.logits(&images, true)).unwrap();
         }
         save(&source, 17, &path).unwrap();
 

@@ -143,6 +143,10 @@ impl Optimizer {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // Candle's gradients of variables keep the graph that computed them
+            // (activations included); a momentum buffer built from them would
+            // chain every step's graph to the next and hold it all in memory.
+            let grad = &grad.detach();
             let param = var.as_detached_tensor();
             let updated = match config.kind {
                 OptimizerKind::Sgd => sgd(&config, &param, grad, state, lr)?,
@@ -300,6 +304,36 @@ mod tests {
             trace.push(w.to_vec1::<f32>().unwrap()[0]);
         }
         trace
+    }
+
+    /// A gradient that Candle computed from tracked tensors carries their graph;
+    /// state kept across steps must not, or each step's graph stays alive.
+    #[test]
+    fn optimizer_state_holds_no_graph() {
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Adam] {
+            let varmap = VarMap::new();
+            let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let w = vb
+                .get_with_hints(3, "w", candle_nn::Init::Const(1.0))
+                .unwrap();
+            let config = OptimizerConfig {
+                kind,
+                ..OptimizerConfig::default()
+            };
+            let mut optimizer = Optimizer::new(&config, &varmap);
+            for _ in 0..2 {
+                let loss = ((&w * &w).unwrap().sum_all().unwrap() * 0.5).unwrap();
+                let grads = loss.backward().unwrap();
+                assert!(
+                    grads.get(&w).unwrap().track_op(),
+                    "the premise: a tracked gradient"
+                );
+                optimizer.step(&grads, 0.1).unwrap();
+            }
+            for (name, tensor) in optimizer.state_tensors() {
+                assert!(!tensor.track_op(), "{kind:?}: {name} keeps a graph");
+            }
+        }
     }
 
     fn close(a: &[f32], b: &[f64]) -> bool {

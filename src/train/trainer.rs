@@ -236,7 +236,7 @@ impl Trainer {
     ) -> Result<(Tensor, Tensor)> {
         let model = self.model.as_ref();
         let smoothing = self.setup.train.label_smoothing;
-        let (logits, loss, grads) = kernels::install(|| -> Result<_> {
+        let (logits, loss, grads) = kernels::install(images.device(), || -> Result<_> {
             let logits = model.logits(images, true)?;
             let loss = smoothed_cross_entropy(&logits, labels, smoothing)?;
             let grads = loss.backward()?;
@@ -295,7 +295,7 @@ pub fn evaluate(model: &dyn Classifier, set: &Tensors, batch_size: usize) -> Res
     for start in (0..n).step_by(batch_size) {
         let len = batch_size.min(n - start);
         let batch = set.slice(start, len)?;
-        let logits = kernels::install(|| model.logits(&batch.images, false))?.detach();
+        let logits = kernels::install(device, || model.logits(&batch.images, false))?.detach();
         let loss = kernels::cross_entropy(&logits, &batch.labels)?;
         loss_sum = (loss_sum + (loss * len as f64)?)?;
         correct = (correct + count_correct(&logits, &batch.labels)?)?;
@@ -327,7 +327,9 @@ mod tests {
         let logits = Tensor::from_vec([row, reversed].concat(), (2, 10), &Device::Cpu).unwrap();
         let labels = Tensor::new(&[3u32, 8], &Device::Cpu).unwrap();
         let loss = |s| {
-            let loss = kernels::install(|| smoothed_cross_entropy(&logits, &labels, s)).unwrap();
+            let loss =
+                kernels::install(&Device::Cpu, || smoothed_cross_entropy(&logits, &labels, s))
+                    .unwrap();
             loss.to_scalar::<f32>().unwrap()
         };
         assert!((loss(0.1) - 2.706_796_5).abs() < 1e-5, "{}", loss(0.1));

@@ -142,11 +142,18 @@ fn pool() -> &'static rayon::ThreadPool {
     })
 }
 
-/// Runs `work` (a training step, an evaluation) on the kernels' thread pool, so
-/// the caller is one of its workers: parallel loops inside then need no hand-off
-/// to another thread and back.
-pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    pool().install(work)
+/// Runs `work` (a training step, an evaluation) on `device`: on the CPU, on the
+/// kernels' thread pool, so the caller is one of its workers and parallel loops
+/// inside need no hand-off to another thread and back; elsewhere on the calling
+/// thread. That matters on CUDA: Candle queues each host thread's kernels on
+/// that thread's own stream, with no ordering between threads, so a forward
+/// pass queued from a pool thread and a loss read from the caller's would race.
+pub fn install<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        pool().install(work)
+    } else {
+        work()
+    }
 }
 
 /// Length of a parallel task over whole items of `item_len` values: enough

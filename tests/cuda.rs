@@ -1,0 +1,276 @@
+//! The CUDA path against the CPU: the same seeded model, batches and optimiser
+//! steps must give the same losses, weights and evaluation on a GPU as on the
+//! CPU (within float noise: the GPU sums in another order).
+//!
+//! Built only with `--features cuda`. Without a GPU each test says so and passes,
+//! unless `MNIST_LAB_REQUIRE_CUDA=1` (scripts/gpu-check.sh sets it), where no GPU
+//! is a failure.
+#![cfg(feature = "cuda")]
+
+use candle_core::{Device, Tensor};
+use mnist_lab::config::Config;
+use mnist_lab::model::{ModelKind, kernels};
+use mnist_lab::train::optim::OptimizerKind;
+use mnist_lab::train::{self, Trainer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The first GPU, or `None` (with a message) where there is none and none is required.
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(err) if std::env::var("MNIST_LAB_REQUIRE_CUDA").is_ok_and(|v| v == "1") => {
+            panic!("MNIST_LAB_REQUIRE_CUDA=1 but no GPU could be opened: {err}")
+        }
+        Err(err) => {
+            eprintln!("skipped: no GPU could be opened ({err})");
+            None
+        }
+    }
+}
+
+/// Fixed random images (32 of them, 32x32) and labels, on `device`.
+fn batch(device: &Device) -> (Tensor, Tensor) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let pixels: Vec<f32> = (0..32 * 32 * 32)
+        .map(|_| rng.random_range(-1.0..2.0))
+        .collect();
+    let images = Tensor::from_vec(pixels, (32, 1, 32, 32), device).unwrap();
+    let labels = Tensor::from_vec((0..32u32).map(|i| i % 10).collect(), 32, device).unwrap();
+    (images, labels)
+}
+
+/// Losses of four optimiser steps on a fixed batch, the evaluation loss and
+/// accuracy after them, and the trained weights (on the host, by name).
+struct Trace {
+    losses: Vec<f64>,
+    accuracy: f64,
+    weights: Vec<(String, Vec<f32>)>,
+}
+
+fn trace(config: &Config, device: &Device) -> Trace {
+    let (images, labels) = batch(device);
+    let mut trainer = Trainer::new(&config.train_setup(), 32, device).unwrap();
+    let lr = config.optimizer.lr();
+    let mut losses = Vec::new();
+    for _ in 0..4 {
+        let (loss, _) = trainer.train_step(&images, &labels, lr).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap() as f64);
+    }
+    let set = mnist_lab::data::Tensors { images, labels };
+    let score = train::evaluate(trainer.model.as_ref(), &set, 16).unwrap();
+    losses.push(score.loss);
+    let mut weights: Vec<(String, Vec<f32>)> = trainer
+        .varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(name, var)| (name.clone(), on_host(var.as_tensor())))
+        .collect();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    Trace {
+        losses,
+        accuracy: score.accuracy,
+        weights,
+    }
+}
+
+fn assert_close(what: &str, cpu: f64, gpu: f64, tolerance: f64) {
+    assert!(
+        (cpu - gpu).abs() <= tolerance * cpu.abs().max(1.0),
+        "{what}: CPU {cpu}, CUDA {gpu}"
+    );
+}
+
+/// Every model variant and optimiser the configs use, trained a few steps on
+/// both devices.
+#[test]
+fn cuda_trains_like_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    // Adam only without BatchNorm: a bias just before BatchNorm has a gradient
+    // of float noise (the normalisation removes it), which Adam scales up to a
+    // full step, different on each device.
+    let variants = [
+        (ModelKind::Lenet5, false, OptimizerKind::Sgd),
+        (ModelKind::Lenet5, true, OptimizerKind::Sgd),
+        (ModelKind::CustomMlp, false, OptimizerKind::Adam),
+        (ModelKind::CustomMlp, true, OptimizerKind::Sgd),
+    ];
+    for (kind, batch_norm, optimizer) in variants {
+        let mut config = Config::default();
+        config.model.kind = kind;
+        config.model.batch_norm = batch_norm;
+        config.optimizer.kind = optimizer;
+        config.optimizer.weight_decay = 5e-4;
+        config.optimizer.lr = Some(match optimizer {
+            OptimizerKind::Sgd => 0.05,
+            _ => 0.003,
+        });
+        let label = format!("{kind} batch_norm={batch_norm} {optimizer:?}");
+        let cpu = trace(&config, &Device::Cpu);
+        let cuda = trace(&config, &gpu);
+        for (step, (a, b)) in cpu.losses.iter().zip(&cuda.losses).enumerate() {
+            assert_close(&format!("{label}: loss at step {step}"), *a, *b, 1e-3);
+        }
+        assert_close(
+            &format!("{label}: evaluation accuracy"),
+            cpu.accuracy,
+            cuda.accuracy,
+            0.04,
+        );
+        for ((name, a), (_, b)) in cpu.weights.iter().zip(&cuda.weights) {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-3, "{label}: {name} differs by {worst}");
+        }
+    }
+}
+
+/// A tensor made on the GPU and a checkpoint's tensors come back to the host
+/// intact (the run directory saves from whichever device trained).
+#[test]
+fn weights_round_trip_through_a_checkpoint_from_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let config = Config::default();
+    let trainer = Trainer::new(&config.train_setup(), 32, &gpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    trainer.varmap.save(&path).unwrap();
+    let loaded = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    for (name, var) in trainer.varmap.data().lock().unwrap().iter() {
+        assert_eq!(on_host(var.as_tensor()), on_host(&loaded[name]), "{name}");
+    }
+}
+
+/// Random values in [-1, 2) of `shape`, the same on every device.
+fn random(shape: &[usize], seed: u64, device: &Device) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..2.0)).collect();
+    Tensor::from_vec(values, shape, device).unwrap()
+}
+
+/// Compares one op's outputs, notes the difference in `report`; true if close.
+fn check(report: &mut Vec<String>, what: String, cpu: Tensor, cuda: Tensor) -> bool {
+    let diff = max_difference(&cpu, &cuda);
+    report.push(format!("{what}: max difference {diff:e}"));
+    diff < 1e-3
+}
+
+/// A tensor's values, flattened, on the host.
+fn on_host(tensor: &Tensor) -> Vec<f32> {
+    tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (on_host(a), on_host(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// Each op of the networks' forward pass at the batch sizes runs use (training
+/// 64 and 256, evaluation 1000, the latter also as a view into a larger set as
+/// evaluation slices it), and a whole evaluation, against the CPU.
+#[test]
+fn cuda_ops_match_the_cpu_at_the_batch_sizes_runs_use() {
+    let Some(gpu) = gpu() else { return };
+    let mut report = Vec::new();
+    let mut ok = true;
+    for batch in [64, 256, 1000] {
+        for (c_in, side, c_out) in [(1, 32, 6), (6, 14, 16), (16, 5, 120)] {
+            let x = |d: &Device| random(&[batch, c_in, side, side], 1, d);
+            let w = |d: &Device| random(&[c_out, c_in, 5, 5], 2, d);
+            let b = |d: &Device| random(&[c_out], 3, d);
+            let cpu =
+                kernels::conv2d(&x(&Device::Cpu), &w(&Device::Cpu), &b(&Device::Cpu)).unwrap();
+            let cuda = kernels::conv2d(&x(&gpu), &w(&gpu), &b(&gpu)).unwrap();
+            ok &= check(
+                &mut report,
+                format!("conv {c_in}->{c_out} on {side}x{side}, batch {batch}"),
+                cpu,
+                cuda,
+            );
+        }
+        for (c, side) in [(6, 28), (16, 10)] {
+            let x = |d: &Device| random(&[batch, c, side, side], 4, d);
+            let cpu = kernels::max_pool2x2(&x(&Device::Cpu)).unwrap();
+            let cuda = kernels::max_pool2x2(&x(&gpu)).unwrap();
+            ok &= check(
+                &mut report,
+                format!("max-pool {c}x{side}x{side}, batch {batch}"),
+                cpu,
+                cuda,
+            );
+            let cpu = x(&Device::Cpu).tanh().unwrap();
+            let cuda = x(&gpu).tanh().unwrap();
+            ok &= check(
+                &mut report,
+                format!("tanh {c}x{side}x{side}, batch {batch}"),
+                cpu,
+                cuda,
+            );
+        }
+        let x = |d: &Device| random(&[batch, 120], 5, d);
+        let w = |d: &Device| random(&[84, 120], 6, d);
+        let b = |d: &Device| random(&[84], 7, d);
+        let cpu = kernels::linear(&x(&Device::Cpu), &w(&Device::Cpu), &b(&Device::Cpu)).unwrap();
+        let cuda = kernels::linear(&x(&gpu), &w(&gpu), &b(&gpu)).unwrap();
+        ok &= check(
+            &mut report,
+            format!("linear 120->84, batch {batch}"),
+            cpu,
+            cuda,
+        );
+    }
+    // Whole networks in evaluation mode over 3,000 images in batches of 1,000:
+    // logits of a view at an offset, then loss and accuracy as runs compute them.
+    for (kind, batch_norm) in [
+        (ModelKind::Lenet5, false),
+        (ModelKind::Lenet5, true),
+        (ModelKind::CustomMlp, false),
+    ] {
+        let mut config = Config::default();
+        config.model.kind = kind;
+        config.model.batch_norm = batch_norm;
+        let scores: Vec<(f64, f64, Tensor)> = [Device::Cpu, gpu.clone()]
+            .iter()
+            .map(|device| {
+                let trainer = Trainer::new(&config.train_setup(), 32, device).unwrap();
+                let images = random(&[3000, 1, 32, 32], 8, device);
+                let labels =
+                    Tensor::from_vec((0..3000u32).map(|i| i % 10).collect(), 3000, device).unwrap();
+                let view = images.narrow(0, 1000, 1000).unwrap();
+                let logits = trainer.model.logits(&view, false).unwrap();
+                let set = mnist_lab::data::Tensors { images, labels };
+                let score = train::evaluate(trainer.model.as_ref(), &set, 1000).unwrap();
+                (score.loss, score.accuracy, logits)
+            })
+            .collect();
+        let [
+            (cpu_loss, cpu_acc, cpu_logits),
+            (gpu_loss, gpu_acc, gpu_logits),
+        ] = &scores[..]
+        else {
+            unreachable!()
+        };
+        let label = format!("{kind} batch_norm={batch_norm}");
+        ok &= check(
+            &mut report,
+            format!("{label}: logits of images 1000..2000"),
+            cpu_logits.clone(),
+            gpu_logits.clone(),
+        );
+        report.push(format!("{label}: evaluation loss CPU {cpu_loss} CUDA {gpu_loss}, accuracy CPU {cpu_acc} CUDA {gpu_acc}"));
+        ok &= (cpu_loss - gpu_loss).abs() < 1e-3 && (cpu_acc - gpu_acc).abs() < 0.01;
+    }
+    let report = report.join("\n");
+    eprintln!("{report}");
+    assert!(ok, "CUDA differs from the CPU:\n{report}");
+}
