@@ -29,11 +29,6 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --release --all-targets -- -D warnings
 
-# Throughput on GPU 0, then the five configs through a sweep on it (needs a CUDA build machine).
-bench-cuda *ARGS:
-    cargo run --release --features cuda -- bench --device cuda --no-epoch-runs --output runs/bench-cuda.json {{ARGS}}
-    cargo run --release --features cuda -- sweep configs --set device.kind=cuda --runs-dir runs/cuda
-
 # Type-check and lint the cuda feature without a GPU or toolkit (nvcc from PyPI wheels).
 check-cuda:
     bash scripts/check-cuda.sh
