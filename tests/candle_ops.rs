@@ -18,10 +18,7 @@ fn losses(config: &Config, images: &Tensor, labels: &Tensor) -> Vec<f64> {
         let (loss, _) = trainer.train_step(images, labels, 0.05).unwrap();
         out.push(loss.to_scalar::<f32>().unwrap() as f64);
     }
-    let set = mnist_lab::data::Tensors {
-        images: images.clone(),
-        labels: labels.clone(),
-    };
+    let set = mnist_lab::data::Tensors::from_inputs(images.clone(), labels.clone());
     out.push(
         train::evaluate(trainer.model.as_ref(), &set, 16)
             .unwrap()

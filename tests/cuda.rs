@@ -57,7 +57,7 @@ fn trace(config: &Config, device: &Device) -> Trace {
         let (loss, _) = trainer.train_step(&images, &labels, lr).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap() as f64);
     }
-    let set = mnist_lab::data::Tensors { images, labels };
+    let set = mnist_lab::data::Tensors::from_inputs(images, labels);
     let score = train::evaluate(trainer.model.as_ref(), &set, 16).unwrap();
     losses.push(score.loss);
     let mut weights: Vec<(String, Vec<f32>)> = trainer
@@ -248,7 +248,7 @@ fn cuda_ops_match_the_cpu_at_the_batch_sizes_runs_use() {
                     Tensor::from_vec((0..3000u32).map(|i| i % 10).collect(), 3000, device).unwrap();
                 let view = images.narrow(0, 1000, 1000).unwrap();
                 let logits = trainer.model.logits(&view, false).unwrap();
-                let set = mnist_lab::data::Tensors { images, labels };
+                let set = mnist_lab::data::Tensors::from_inputs(images, labels);
                 let score = train::evaluate(trainer.model.as_ref(), &set, 1000).unwrap();
                 (score.loss, score.accuracy, logits)
             })

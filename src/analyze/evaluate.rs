@@ -76,7 +76,7 @@ impl TrainedModel {
         let mut out = Vec::with_capacity(split.len());
         for start in (0..split.len()).step_by(batch) {
             let len = batch.min(split.len() - start);
-            let images = prepared.images.narrow(0, start, len)?;
+            let images = prepared.slice(start, len)?.inputs()?;
             let logits: Tensor =
                 kernels::install(&self.device, || self.model.logits(&images, false))?.detach();
             let rows = candle_nn::ops::log_softmax(&logits, 1)?.to_vec2::<f32>()?;

@@ -58,7 +58,10 @@ impl Tensors {
             .flatten_all()?
             .index_select(&pixels, 0)?
             .reshape((host_indices.len(), 1, height, width))?;
-        Ok((images, self.labels.index_select(indices, 0)?))
+        Ok((
+            self.inputs_of(&images)?,
+            self.labels.index_select(indices, 0)?,
+        ))
     }
 
     /// The examples at `indices` (a u32 tensor on the tensors' device; `host_indices`
@@ -89,7 +92,10 @@ impl Tensors {
             .flatten_all()?
             .index_select(&pixels, 0)?
             .reshape((host_indices.len(), 1, height, width))?;
-        Ok((images, self.labels.index_select(indices, 0)?))
+        Ok((
+            self.inputs_of(&images)?,
+            self.labels.index_select(indices, 0)?,
+        ))
     }
 }
 
@@ -227,7 +233,7 @@ mod tests {
             .reshape((1, 1, 4, 4))
             .unwrap();
         let labels = Tensor::new(&[7u32], &Device::Cpu).unwrap();
-        let set = Tensors { images, labels };
+        let set = Tensors::from_inputs(images, labels);
         let first = Tensor::new(&[0u32], &Device::Cpu).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let mut seen = std::collections::HashSet::new();

@@ -257,7 +257,8 @@ mod tests {
             ..DataConfig::default()
         };
         let first_pixel = |t: &Tensors| -> Vec<f32> {
-            t.images
+            t.inputs()
+                .unwrap()
                 .narrow(3, 2, 1)
                 .unwrap()
                 .narrow(2, 2, 1)

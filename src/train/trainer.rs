@@ -295,7 +295,8 @@ pub fn evaluate(model: &dyn Classifier, set: &Tensors, batch_size: usize) -> Res
     for start in (0..n).step_by(batch_size) {
         let len = batch_size.min(n - start);
         let batch = set.slice(start, len)?;
-        let logits = kernels::install(device, || model.logits(&batch.images, false))?.detach();
+        let images = batch.inputs()?;
+        let logits = kernels::install(device, || model.logits(&images, false))?.detach();
         let loss = kernels::cross_entropy(&logits, &batch.labels)?;
         loss_sum = (loss_sum + (loss * len as f64)?)?;
         correct = (correct + count_correct(&logits, &batch.labels)?)?;
