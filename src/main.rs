@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use mimalloc::MiMalloc;
 use mnist_lab::cli::{self, Cli};
-use mnist_lab::util::{interrupt, telemetry};
+use mnist_lab::util::{alloc, interrupt, telemetry};
 
 // Training allocates and frees many same-sized tensors per step; mimalloc reuses
-// that memory instead of returning it to the OS and faulting it back in.
+// that memory instead of returning it to the OS and faulting it back in. The
+// count beside it is what `bench` reports per step.
 #[global_allocator]
-static GLOBAL: MiMalloc = MiMalloc;
+static GLOBAL: alloc::Counting<MiMalloc> = alloc::Counting(MiMalloc);
 
 fn main() -> ExitCode {
     // Output piped into `head` that closes early ends the process quietly, as

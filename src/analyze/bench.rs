@@ -59,6 +59,8 @@ pub struct Throughput {
     pub batch_size: usize,
     pub train_images_per_s: f64,
     pub eval_images_per_s: f64,
+    /// Heap allocations per timed training step, on every thread.
+    pub allocations_per_step: f64,
 }
 
 /// Times `steps` training steps and one pass over the test set.
@@ -76,12 +78,15 @@ pub fn measure(
     for (images, labels) in batches.iter().cycle().take(WARMUP_STEPS) {
         trainer.train_step(images, labels, 0.01)?;
     }
+    let allocations = crate::util::alloc::allocations();
     let start = Instant::now();
     for (images, labels) in batches.iter().cycle().take(steps) {
         trainer.train_step(images, labels, 0.01)?;
     }
     device.synchronize()?;
     let train_secs = start.elapsed().as_secs_f64();
+    let allocations_per_step =
+        (crate::util::alloc::allocations() - allocations) as f64 / steps as f64;
 
     let warm_set = data.test.slice(0, data.test.len().min(2 * EVAL_BATCH))?;
     train::evaluate(trainer.model.as_ref(), &warm_set, EVAL_BATCH)?;
@@ -99,6 +104,7 @@ pub fn measure(
         batch_size,
         train_images_per_s: (steps * batch_size) as f64 / train_secs,
         eval_images_per_s: data.test.len() as f64 / eval_secs,
+        allocations_per_step,
     })
 }
 
@@ -149,6 +155,8 @@ pub fn one_epoch_run(
 ) -> Result<EpochRun> {
     let mut config = preset_config(preset, 64)?;
     config.train.epochs = 1;
+    // A run as users start it: the default evaluation batch, not the protocol's.
+    config.train.eval_batch_size = crate::train::TrainConfig::default().eval_batch_size;
     config.device.kind = device;
     config.data.dir = data_dir.map(|d| d.to_path_buf());
     let failed = |reason: String| AnalyzeError::EpochRun {
@@ -231,6 +239,7 @@ pub fn run(plan: &BenchPlan) -> Result<Report> {
                 batch_size,
                 train_images_per_s = figures.train_images_per_s.round(),
                 eval_images_per_s = figures.eval_images_per_s.round(),
+                allocations_per_step = figures.allocations_per_step.round(),
                 "measured"
             );
             results.push(figures);
@@ -259,13 +268,17 @@ impl Report {
     pub fn table(&self) -> String {
         let mut out = format!(
             "device {}, {} threads, dataset load and prepare {:.2} s\n\n\
-             | model | batch | train images/s | eval images/s (batch {EVAL_BATCH}) |\n|---|---|---|---|\n",
+             | model | batch | train images/s | eval images/s (batch {EVAL_BATCH}) | allocations per step |\n|---|---|---|---|---|\n",
             self.device, self.threads, self.load_secs
         );
         for r in &self.results {
             out += &format!(
-                "| {} | {} | {:.0} | {:.0} |\n",
-                r.model, r.batch_size, r.train_images_per_s, r.eval_images_per_s
+                "| {} | {} | {:.0} | {:.0} | {:.0} |\n",
+                r.model,
+                r.batch_size,
+                r.train_images_per_s,
+                r.eval_images_per_s,
+                r.allocations_per_step
             );
         }
         if !self.epoch_runs.is_empty() {

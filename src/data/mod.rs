@@ -175,7 +175,12 @@ impl Datasets {
     pub fn load(config: &DataConfig, seed: u64, device: &Device) -> Result<Datasets> {
         let dir = locate_or_download(config.dir.as_deref(), &download::all_files())?;
         let mnist = Mnist::read(&dir)?;
-        Datasets::prepare(&mnist, config, seed, device, dir)
+        let datasets = Datasets::prepare(&mnist, config, seed, device, dir);
+        drop(mnist);
+        // The raw files and preparation's temporaries are freed by now; hand
+        // their pages back so training does not sit on top of them.
+        crate::util::system::release_freed_memory();
+        datasets
     }
 
     pub fn prepare(
@@ -210,18 +215,24 @@ impl Datasets {
         // Each split is made on a pool thread. On CUDA each thread queues its
         // uploads on its own stream: wait for them there, before the caller's
         // stream uses the tensors.
-        let to_tensors = |split: &Split, indices: &[usize]| {
-            let tensors =
+        // The training split stays bytes (decoded per batch); the evaluation
+        // splits are decoded once, since every evaluation reads all of them
+        // (a fifth of the bytes' saving, and evaluation at full speed).
+        let to_tensors = |split: &Split, indices: &[usize], decoded: bool| {
+            let mut tensors =
                 prepare::tensors(split, indices, config, device).map_err(DataError::Tensors)?;
+            if decoded {
+                tensors = tensors.decoded().map_err(DataError::Tensors)?;
+            }
             device.synchronize().map_err(DataError::Tensors)?;
             Ok::<_, DataError>(tensors)
         };
         let (train, (validation, test)) = rayon::join(
-            || to_tensors(&mnist.train, &train_idx[..train_len]),
+            || to_tensors(&mnist.train, &train_idx[..train_len], false),
             || {
                 rayon::join(
-                    || to_tensors(&mnist.train, validation_idx),
-                    || to_tensors(&mnist.test, &test_idx),
+                    || to_tensors(&mnist.train, validation_idx, true),
+                    || to_tensors(&mnist.test, &test_idx, true),
                 )
             },
         );

@@ -48,8 +48,9 @@ pub struct TrainConfig {
     pub epochs: usize,
     #[default(64)]
     pub batch_size: usize,
-    /// Batch size for validation and test evaluation (no gradients, so larger).
-    #[default(1000)]
+    /// Batch size for validation and test evaluation (no gradients, so larger;
+    /// 250 is as fast as 1000 on the CPU, with a quarter of the activations).
+    #[default(250)]
     pub eval_batch_size: usize,
     /// Label smoothing: the training target puts this much probability evenly on
     /// all ten classes (0 = off). Validation and test losses stay plain.

@@ -1,6 +1,7 @@
 //! Small shared pieces every layer may use: atomic files, devices, signals,
-//! tables, plots, progress bars, logging and process facts.
+//! tables, plots, progress bars, logging, process facts and the allocation count.
 
+pub mod alloc;
 pub mod device;
 pub mod fsio;
 pub mod interrupt;
