@@ -274,3 +274,31 @@ fn cuda_ops_match_the_cpu_at_the_batch_sizes_runs_use() {
     eprintln!("{report}");
     assert!(ok, "CUDA differs from the CPU:\n{report}");
 }
+
+/// Byte images decode to the same inputs on the GPU (a gather through a table
+/// there) as on the CPU, plain and with shift augmentation.
+#[test]
+fn byte_images_decode_alike_on_both_devices() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let split = mnist_lab::data::Split {
+        images: (0..20 * 784).map(|_| rng.random_range(0..=255u8)).collect(),
+        labels: (0..20u8).map(|i| i % 10).collect(),
+    };
+    let config = mnist_lab::data::DataConfig::default();
+    let indices: Vec<usize> = (0..20).collect();
+    let picks = [3u32, 0, 19, 7, 255 % 20];
+    let decoded: Vec<(Vec<f32>, Vec<f32>)> = [Device::Cpu, gpu]
+        .iter()
+        .map(|device| {
+            let set = mnist_lab::data::prepare::tensors(&split, &indices, &config, device).unwrap();
+            let ids = Tensor::new(&picks, device).unwrap();
+            let (plain, _) = set.gather(&ids).unwrap();
+            let mut shift_rng = ChaCha8Rng::seed_from_u64(1);
+            let (shifted, _) = set.gather_shifted(&ids, &picks, 2, &mut shift_rng).unwrap();
+            (on_host(&plain), on_host(&shifted))
+        })
+        .collect();
+    assert_eq!(decoded[0].0, decoded[1].0, "plain gather");
+    assert_eq!(decoded[0].1, decoded[1].1, "shifted gather");
+}

@@ -47,7 +47,7 @@ pub(super) fn channel_dims(shape: &Shape) -> Result<(usize, usize, usize)> {
 
 /// Sum of `f(a[i], b[i])` in eight independent lanes, so the compiler vectorises it.
 #[inline(always)]
-fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(super) fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [0f32; 8];
     let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = chunks_a

@@ -4,6 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::block::lane_sum;
 use super::{f32_data, matmul, task_len, threads};
 
 /// Sizes of a valid (unpadded), stride-1 convolution.
@@ -388,9 +389,15 @@ impl CustomOp1 for ChannelSum {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = xl.shape().dims4()?;
         let x = f32_data(xs, xl, self.name())?;
+        // Plane sums in parallel, then added per channel in image order: the
+        // same result whatever the thread count.
+        let planes: Vec<f32> = x
+            .par_chunks(task_len(h * w))
+            .flat_map_iter(|planes| planes.chunks_exact(h * w).map(|p| lane_sum(p, p, |v, _| v)))
+            .collect();
         let mut sums = vec![0f32; c];
-        for (i, plane) in x.chunks_exact(h * w).enumerate() {
-            sums[i % c] += plane.iter().sum::<f32>();
+        for (i, plane) in planes.iter().enumerate() {
+            sums[i % c] += plane;
         }
         Ok((CpuStorage::F32(sums), Shape::from(c)))
     }
