@@ -455,3 +455,73 @@ fn report_rewrites_the_marked_readme_section_from_runs() {
     );
     assert_eq!(std::fs::read_to_string(&readme).unwrap(), before);
 }
+
+/// `report` over a config trained once and a config trained with two seeds (in
+/// a nested folder, as `just seeds` leaves them): one row in the results table,
+/// one row over seeds with both accuracies and their mean, and the images.
+#[test]
+fn report_shows_single_runs_and_seed_groups() {
+    let work = tempfile::tempdir().unwrap();
+    let configs = work.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    let quick = "[model]\nkind = \"custom_mlp\"\n[data]\ntrain_size = 1000\nvalidation_size = 500\n[train]\nepochs = 1\n";
+    std::fs::write(configs.join("mlp.toml"), format!("name = \"mlp\"\n{quick}")).unwrap();
+    std::fs::write(
+        configs.join("mlp_best.toml"),
+        format!("name = \"mlp_best\"\n{quick}[optimizer]\nlr = 0.05\n"),
+    )
+    .unwrap();
+    let runs = work.path().join("runs");
+    let config = |name: &str| configs.join(name).to_str().unwrap().to_string();
+    assert_success(&run_binary(&[
+        "run",
+        &config("mlp.toml"),
+        "--runs-dir",
+        runs.to_str().unwrap(),
+    ]));
+    let seeds = runs.join("seeds");
+    assert_success(&run_binary(&[
+        "sweep",
+        &config("mlp_best.toml"),
+        "--set",
+        "seed=0,1",
+        "--runs-dir",
+        seeds.to_str().unwrap(),
+    ]));
+    let readme = work.path().join("README.md");
+    std::fs::write(&readme, "# r\n<!-- report:begin -->\n<!-- report:end -->\n").unwrap();
+    assert_success(&run_binary(&[
+        "report",
+        "--configs",
+        configs.to_str().unwrap(),
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--readme",
+        readme.to_str().unwrap(),
+    ]));
+    let text = std::fs::read_to_string(&readme).unwrap();
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("| `{name}`")))
+            .unwrap_or_else(|| panic!("no row for {name} in\n{text}"))
+            .to_string()
+    };
+    assert!(row("mlp").contains("| 1 |"), "{}", row("mlp"));
+    let group = row("mlp_best");
+    assert!(
+        group.contains("| 0, 1 |") && group.contains(" ± "),
+        "{group}"
+    );
+    assert!(text.contains("### Over seeds"), "{text}");
+    for image in [
+        "validation.png",
+        "mlp.png",
+        "over-seeds.png",
+        "confusion.png",
+    ] {
+        assert!(
+            work.path().join("docs/results").join(image).is_file(),
+            "{image}"
+        );
+    }
+}

@@ -136,6 +136,26 @@ pub fn scan(runs_dir: &Path) -> Result<(Vec<RunInfo>, Vec<String>)> {
     Ok((runs, warnings))
 }
 
+/// [`scan`] of `runs_dir` and of each folder in it that is not a run itself
+/// (`runs/seeds/`, a sweep's `--runs-dir`), skipping what cannot be read.
+pub fn scan_nested(runs_dir: &Path) -> Result<Vec<RunInfo>> {
+    let (mut runs, _) = scan(runs_dir)?;
+    let entries =
+        std::fs::read_dir(runs_dir).map_err(FileError::on("read runs directory", runs_dir))?;
+    let mut folders: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && !p.join(rundir::SUMMARY_FILE).is_file())
+        .collect();
+    folders.sort();
+    for folder in folders {
+        if let Ok((nested, _)) = scan(&folder) {
+            runs.extend(nested);
+        }
+    }
+    runs.sort_by(|a, b| a.summary.started_at.cmp(&b.summary.started_at));
+    Ok(runs)
+}
+
 /// What `mnist-lab runs --sort` orders by: a column of the table, or any
 /// config key (`optimizer.lr`), numbers by value.
 #[derive(Debug, Clone, PartialEq)]

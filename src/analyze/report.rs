@@ -1,12 +1,14 @@
 //! `mnist-lab report`: the README's results section, regenerated from the runs on
 //! disk: the latest completed run of each config, its curves, the confusion
-//! matrix of the best model, and a discussion written from the measured figures.
+//! matrix of the best model, a discussion written from the measured figures, and
+//! the configs run with several seeds as mean and spread.
 
 use std::path::{Path, PathBuf};
 
 use crate::analyze::compare::{self, Curves};
 use crate::analyze::evaluate::{self, TrainedModel};
 use crate::analyze::inspect::{self, RunInfo};
+use crate::analyze::seeds::{self, SeedGroup};
 use crate::analyze::{AnalyzeError, Result};
 use crate::config::{self, Config};
 use crate::run::metrics::mean_epoch_secs;
@@ -42,13 +44,18 @@ pub struct ReportOptions {
 pub fn generate(options: &ReportOptions) -> Result<String> {
     let readme_text =
         std::fs::read_to_string(&options.readme).map_err(FileError::on("read", &options.readme))?;
-    let curves = latest_runs(&options.configs_dir, &options.runs_dir)?;
+    let chosen = choose_runs(&options.configs_dir, &options.runs_dir)?;
+    let curves = compare::load(chosen.single)?;
     let root = options.readme.parent().unwrap_or(Path::new("."));
     let assets_dir = root.join(&options.assets);
     std::fs::create_dir_all(&assets_dir).map_err(FileError::on("create", &assets_dir))?;
     let asset = |file: &str| (assets_dir.join(file), link(&options.assets, file));
 
     let mut markdown = String::new();
+    if curves.is_empty() {
+        markdown += &over_seeds_section(&chosen.over_seeds, &asset)?;
+        return finish(options, &readme_text, markdown);
+    }
     markdown += &intro(&curves, &options.runs_dir);
     markdown += &results_table(&curves).to_markdown();
     markdown += "\n";
@@ -67,9 +74,14 @@ pub fn generate(options: &ReportOptions) -> Result<String> {
     markdown += "\n";
     markdown += &best_model_section(&curves, &asset)?;
     markdown += &discussion(&curves);
+    markdown += &over_seeds_section(&chosen.over_seeds, &asset)?;
+    finish(options, &readme_text, markdown)
+}
 
+/// Writes `markdown` between the README's markers; returns it.
+fn finish(options: &ReportOptions, readme_text: &str, markdown: String) -> Result<String> {
     let updated =
-        replace_section(&readme_text, &markdown).map_err(|reason| AnalyzeError::Readme {
+        replace_section(readme_text, &markdown).map_err(|reason| AnalyzeError::Readme {
             path: options.readme.clone(),
             reason,
         })?;
@@ -83,31 +95,57 @@ fn link(assets: &Path, file: &str) -> String {
     format!("{}/{file}", base.trim_end_matches('/'))
 }
 
-/// The latest completed run of each config in `configs_dir`, in report order.
-fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> Result<Vec<Curves>> {
+/// The runs a report shows: the latest of each config trained once, in report
+/// order, and for each config trained with two seeds or more, the latest run of
+/// each seed.
+struct Chosen {
+    single: Vec<RunInfo>,
+    over_seeds: Vec<(String, Vec<RunInfo>)>,
+}
+
+fn choose_runs(configs_dir: &Path, runs_dir: &Path) -> Result<Chosen> {
     let files = config::config_files(configs_dir)?;
-    let (runs, _) = inspect::scan(runs_dir)?;
-    let mut chosen: Vec<RunInfo> = Vec::new();
-    let mut missing = Vec::new();
+    let runs: Vec<RunInfo> = inspect::scan_nested(runs_dir)?
+        .into_iter()
+        .filter(|r| r.summary.status == Status::Completed)
+        .collect();
+    let (mut single, mut over_seeds, mut missing) = (Vec::new(), Vec::new(), Vec::new());
     for file in &files {
         let config = Config::load(file, &[])?;
         if !config.sweep.is_empty() {
             continue;
         }
-        // A run reports a config only if it trained exactly that config (a quick
-        // `--set train.epochs=1` run of the same name does not count).
-        let latest = runs
+        // A run reports a config only if it trained exactly that config, but for
+        // the seed (a quick `--set train.epochs=1` run of the same name does not count).
+        let mut matching: Vec<&RunInfo> = runs
             .iter()
-            .filter(|r| r.summary.status == Status::Completed)
             .filter(|r| {
                 r.config
                     .as_ref()
-                    .is_some_and(|c| same_experiment(c, &config))
+                    .is_some_and(|c| same_experiment_but_seed(c, &config))
             })
-            .max_by(|a, b| a.summary.started_at.cmp(&b.summary.started_at));
-        match latest {
-            Some(run) => chosen.push(run.clone()),
-            None => missing.push(file.display().to_string()),
+            .collect();
+        matching.sort_by(|a, b| b.summary.started_at.cmp(&a.summary.started_at));
+        let mut latest_per_seed: Vec<&RunInfo> = Vec::new();
+        for run in matching {
+            if !latest_per_seed
+                .iter()
+                .any(|r| r.summary.seed == run.summary.seed)
+            {
+                latest_per_seed.push(run);
+            }
+        }
+        latest_per_seed.sort_by_key(|r| r.summary.seed);
+        if latest_per_seed.len() >= 2 {
+            let runs = latest_per_seed.into_iter().cloned().collect();
+            over_seeds.push((config.name.clone(), runs));
+        } else if let Some(run) = latest_per_seed
+            .first()
+            .filter(|r| r.summary.seed == config.seed)
+        {
+            single.push((*run).clone());
+        } else {
+            missing.push(file.display().to_string());
         }
     }
     if !missing.is_empty() {
@@ -116,23 +154,41 @@ fn latest_runs(configs_dir: &Path, runs_dir: &Path) -> Result<Vec<Curves>> {
             runs_dir: runs_dir.to_path_buf(),
         });
     }
-    if chosen.is_empty() {
+    if single.is_empty() && over_seeds.is_empty() {
         return Err(AnalyzeError::NothingToReport(configs_dir.to_path_buf()));
     }
-    let rank = |name: &str| ORDER.iter().position(|&o| o == name).unwrap_or(ORDER.len());
-    chosen.sort_by(|a, b| {
+    // `lenet5_best` ranks as `lenet5`.
+    let rank = |name: &str| {
+        let model = name.trim_end_matches("_best");
+        (ORDER.iter().position(|&o| o == model)).unwrap_or(ORDER.len())
+    };
+    single.sort_by(|a, b| {
         (rank(&a.summary.name), &a.summary.name).cmp(&(rank(&b.summary.name), &b.summary.name))
     });
-    compare::load(chosen)
+    over_seeds.sort_by(|a, b| (rank(&a.0), &a.0).cmp(&(rank(&b.0), &b.0)));
+    Ok(Chosen { single, over_seeds })
+}
+
+/// [`same_experiment`] but for the seed (and the name a seed sweep gives its runs).
+fn same_experiment_but_seed(a: &Config, b: &Config) -> bool {
+    let without_seed = |c: &Config| {
+        let mut c = c.clone();
+        c.seed = 0;
+        c.name.clear();
+        c
+    };
+    same_experiment(&without_seed(a), &without_seed(b))
 }
 
 /// Whether two configs describe the same experiment: equal in everything but
-/// where the data was read from and the device and threads it ran on.
+/// where the data was read from, the device and threads it ran on, and the
+/// batch size it evaluated in.
 fn same_experiment(a: &Config, b: &Config) -> bool {
     let normalise = |c: &Config| {
         let mut c = c.clone();
         c.data.dir = None;
         c.device = Default::default();
+        c.train.eval_batch_size = 0;
         c.optimizer.lr = Some(c.optimizer.lr());
         c
     };
@@ -346,6 +402,65 @@ fn describe_fit(c: &Curves, baseline: Option<&Curves>) -> String {
         );
     }
     sentence
+}
+
+/// The configs run with several seeds: test accuracy per seed, mean and spread,
+/// and the validation curves as mean and band. Empty where there are none.
+fn over_seeds_section(
+    over_seeds: &[(String, Vec<RunInfo>)],
+    asset: &dyn Fn(&str) -> (PathBuf, String),
+) -> Result<String> {
+    if over_seeds.is_empty() {
+        return Ok(String::new());
+    }
+    let mut table = Table::new(&[
+        "config",
+        "regularisation",
+        "parameters",
+        "seeds",
+        "test accuracy per seed",
+        "mean ± std",
+        "assignment report",
+    ]);
+    for (name, runs) in over_seeds {
+        let accuracies: Vec<f64> = runs.iter().filter_map(|r| r.summary.test_acc).collect();
+        let seeds: Vec<String> = runs.iter().map(|r| r.summary.seed.to_string()).collect();
+        // A `_best` config improves on the assignment's config of the same model.
+        let assignment = ASSIGNMENT
+            .iter()
+            .find(|(n, _)| *n == name.trim_end_matches("_best"))
+            .map_or("-", |(_, acc)| acc);
+        table.push(vec![
+            format!("`{name}`"),
+            runs[0].regularisation(),
+            thousands(runs[0].summary.params),
+            seeds.join(", "),
+            (accuracies.iter().map(|&a| percent(Some(a))))
+                .collect::<Vec<_>>()
+                .join(", "),
+            format!("**{}**", seeds::percent_spread(&accuracies)),
+            assignment.to_string(),
+        ]);
+    }
+    let groups: Vec<SeedGroup> = over_seeds
+        .iter()
+        .map(|(name, runs)| SeedGroup {
+            label: name.clone(),
+            runs: runs.iter().collect(),
+        })
+        .collect();
+    let (path, href) = asset("over-seeds.png");
+    plots::write_png(&path, &seeds::group_charts(&groups)?)?;
+    Ok(format!(
+        "### Over seeds\n\n\
+         The configs run with several seeds (`just seeds`): the latest run of each \
+         seed, its test accuracy measured once at its best validation epoch; the \
+         spread is the sample standard deviation, and a lead smaller than about \
+         twice it is noise.\n\n{}\n\
+         Validation curves over the seeds, mean in a band of one standard deviation:\n\n\
+         ![validation curves over seeds]({href})\n\n",
+        table.to_markdown()
+    ))
 }
 
 /// `readme` with the text between the markers replaced by `section`.
