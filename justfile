@@ -46,6 +46,10 @@ gpu-check:
 fuzz CASES="20000":
     PROPTEST_CASES={{CASES}} cargo test --release --test fuzz
 
+# The ablation: each best config over seeds 0-2, then with one technique off at a time (~45 min).
+ablation *CONFIGS:
+    bash scripts/ablation.sh {{CONFIGS}}
+
 # Run configs over seeds 0, 1, 2 and show each as mean ± std: `just seeds configs/lenet5_best.toml`.
 seeds +CONFIGS="configs/lenet5_best.toml configs/custom_mlp_best.toml configs/lenet5_reg_best.toml configs/custom_mlp_reg_best.toml":
     cargo run --release -- sweep {{CONFIGS}} --set seed=0,1,2 --runs-dir runs/seeds

@@ -457,8 +457,9 @@ fn report_rewrites_the_marked_readme_section_from_runs() {
 }
 
 /// `report` over a config trained once and a config trained with two seeds (in
-/// a nested folder, as `just seeds` leaves them): one row in the results table,
-/// one row over seeds with both accuracies and their mean, and the images.
+/// a nested folder, as `just seeds` leaves them), and that config again with one
+/// setting changed: one row in the results table, one row over seeds with both
+/// accuracies and their mean, an ablation row for the change, and the images.
 #[test]
 fn report_shows_single_runs_and_seed_groups() {
     let work = tempfile::tempdir().unwrap();
@@ -488,6 +489,17 @@ fn report_shows_single_runs_and_seed_groups() {
         "--runs-dir",
         seeds.to_str().unwrap(),
     ]));
+    // The same over the same seeds with one setting changed: an ablation row.
+    assert_success(&run_binary(&[
+        "sweep",
+        &config("mlp_best.toml"),
+        "--set",
+        "seed=0,1",
+        "--set",
+        "optimizer.momentum=0.5",
+        "--runs-dir",
+        seeds.to_str().unwrap(),
+    ]));
     let readme = work.path().join("README.md");
     std::fs::write(&readme, "# r\n<!-- report:begin -->\n<!-- report:end -->\n").unwrap();
     assert_success(&run_binary(&[
@@ -513,6 +525,14 @@ fn report_shows_single_runs_and_seed_groups() {
         "{group}"
     );
     assert!(text.contains("### Over seeds"), "{text}");
+    let ablation = text
+        .lines()
+        .find(|l| l.contains("optimizer.momentum = 0.5"))
+        .unwrap_or_else(|| panic!("no ablation row in\n{text}"));
+    assert!(
+        ablation.contains("| 2 |") && ablation.contains(" points"),
+        "{ablation}"
+    );
     for image in [
         "validation.png",
         "mlp.png",

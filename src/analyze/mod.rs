@@ -9,6 +9,7 @@ pub mod evaluate;
 pub mod inspect;
 pub mod predict;
 pub mod report;
+pub mod seed_report;
 pub mod seeds;
 
 /// What can go wrong when reading, evaluating or benchmarking runs.

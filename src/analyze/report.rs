@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::analyze::compare::{self, Curves};
 use crate::analyze::evaluate::{self, TrainedModel};
 use crate::analyze::inspect::{self, RunInfo};
-use crate::analyze::seeds::{self, SeedGroup};
+use crate::analyze::seed_report;
 use crate::analyze::{AnalyzeError, Result};
 use crate::config::{self, Config};
 use crate::run::metrics::mean_epoch_secs;
@@ -22,7 +22,7 @@ pub const END_MARKER: &str = "<!-- report:end -->";
 
 /// The assignment report's 20-epoch test accuracies (it validated on the test set
 /// and took the last epoch), by the config that reproduces each model.
-const ASSIGNMENT: [(&str, &str); 3] = [
+pub(super) const ASSIGNMENT: [(&str, &str); 3] = [
     ("lenet5", "98.76%"),
     ("custom_mlp", "95.32%"),
     ("lenet5_reg", "99.14% (BatchNorm + L2)"),
@@ -53,7 +53,7 @@ pub fn generate(options: &ReportOptions) -> Result<String> {
 
     let mut markdown = String::new();
     if curves.is_empty() {
-        markdown += &over_seeds_section(&chosen.over_seeds, &asset)?;
+        markdown += &seed_report::section(&chosen.over_seeds, &chosen.all, &asset)?;
         return finish(options, &readme_text, markdown);
     }
     markdown += &intro(&curves, &options.runs_dir);
@@ -74,7 +74,7 @@ pub fn generate(options: &ReportOptions) -> Result<String> {
     markdown += "\n";
     markdown += &best_model_section(&curves, &asset)?;
     markdown += &discussion(&curves);
-    markdown += &over_seeds_section(&chosen.over_seeds, &asset)?;
+    markdown += &seed_report::section(&chosen.over_seeds, &chosen.all, &asset)?;
     finish(options, &readme_text, markdown)
 }
 
@@ -101,6 +101,8 @@ fn link(assets: &Path, file: &str) -> String {
 struct Chosen {
     single: Vec<RunInfo>,
     over_seeds: Vec<(String, Vec<RunInfo>)>,
+    /// Every completed run found, for the ablation rows.
+    all: Vec<RunInfo>,
 }
 
 fn choose_runs(configs_dir: &Path, runs_dir: &Path) -> Result<Chosen> {
@@ -166,7 +168,11 @@ fn choose_runs(configs_dir: &Path, runs_dir: &Path) -> Result<Chosen> {
         (rank(&a.summary.name), &a.summary.name).cmp(&(rank(&b.summary.name), &b.summary.name))
     });
     over_seeds.sort_by(|a, b| (rank(&a.0), &a.0).cmp(&(rank(&b.0), &b.0)));
-    Ok(Chosen { single, over_seeds })
+    Ok(Chosen {
+        single,
+        over_seeds,
+        all: runs,
+    })
 }
 
 /// [`same_experiment`] but for the seed (and the name a seed sweep gives its runs).
@@ -402,65 +408,6 @@ fn describe_fit(c: &Curves, baseline: Option<&Curves>) -> String {
         );
     }
     sentence
-}
-
-/// The configs run with several seeds: test accuracy per seed, mean and spread,
-/// and the validation curves as mean and band. Empty where there are none.
-fn over_seeds_section(
-    over_seeds: &[(String, Vec<RunInfo>)],
-    asset: &dyn Fn(&str) -> (PathBuf, String),
-) -> Result<String> {
-    if over_seeds.is_empty() {
-        return Ok(String::new());
-    }
-    let mut table = Table::new(&[
-        "config",
-        "regularisation",
-        "parameters",
-        "seeds",
-        "test accuracy per seed",
-        "mean ± std",
-        "assignment report",
-    ]);
-    for (name, runs) in over_seeds {
-        let accuracies: Vec<f64> = runs.iter().filter_map(|r| r.summary.test_acc).collect();
-        let seeds: Vec<String> = runs.iter().map(|r| r.summary.seed.to_string()).collect();
-        // A `_best` config improves on the assignment's config of the same model.
-        let assignment = ASSIGNMENT
-            .iter()
-            .find(|(n, _)| *n == name.trim_end_matches("_best"))
-            .map_or("-", |(_, acc)| acc);
-        table.push(vec![
-            format!("`{name}`"),
-            runs[0].regularisation(),
-            thousands(runs[0].summary.params),
-            seeds.join(", "),
-            (accuracies.iter().map(|&a| percent(Some(a))))
-                .collect::<Vec<_>>()
-                .join(", "),
-            format!("**{}**", seeds::percent_spread(&accuracies)),
-            assignment.to_string(),
-        ]);
-    }
-    let groups: Vec<SeedGroup> = over_seeds
-        .iter()
-        .map(|(name, runs)| SeedGroup {
-            label: name.clone(),
-            runs: runs.iter().collect(),
-        })
-        .collect();
-    let (path, href) = asset("over-seeds.png");
-    plots::write_png(&path, &seeds::group_charts(&groups)?)?;
-    Ok(format!(
-        "### Over seeds\n\n\
-         The configs run with several seeds (`just seeds`): the latest run of each \
-         seed, its test accuracy measured once at its best validation epoch; the \
-         spread is the sample standard deviation, and a lead smaller than about \
-         twice it is noise.\n\n{}\n\
-         Validation curves over the seeds, mean in a band of one standard deviation:\n\n\
-         ![validation curves over seeds]({href})\n\n",
-        table.to_markdown()
-    ))
 }
 
 /// `readme` with the text between the markers replaced by `section`.

@@ -1,0 +1,210 @@
+//! The report's part on configs run with several seeds: each seed's test
+//! accuracy with mean and spread, the validation curves as mean and band, and
+//! the ablation: the same experiment with one setting changed, over the same
+//! seeds, found among the runs on disk (`scripts/ablation.sh` makes them).
+
+use std::path::PathBuf;
+
+use crate::analyze::Result;
+use crate::analyze::inspect::RunInfo;
+use crate::analyze::report::ASSIGNMENT;
+use crate::analyze::seeds::{self, SeedGroup};
+use crate::util::plots;
+use crate::util::table::{Table, percent, thousands};
+
+/// The section's markdown; empty where no config ran with several seeds.
+/// `over_seeds` holds each such config's name and its latest run per seed;
+/// `all` every completed run, where the ablation's runs are looked for.
+pub fn section(
+    over_seeds: &[(String, Vec<RunInfo>)],
+    all: &[RunInfo],
+    asset: &dyn Fn(&str) -> (PathBuf, String),
+) -> Result<String> {
+    if over_seeds.is_empty() {
+        return Ok(String::new());
+    }
+    let groups: Vec<SeedGroup> = over_seeds
+        .iter()
+        .map(|(name, runs)| SeedGroup {
+            label: name.clone(),
+            runs: runs.iter().collect(),
+        })
+        .collect();
+    let (path, href) = asset("over-seeds.png");
+    plots::write_png(&path, &seeds::group_charts(&groups)?)?;
+    let mut markdown = format!(
+        "### Over seeds\n\n\
+         The configs run with several seeds (`just seeds`): the latest run of each \
+         seed, its test accuracy measured once at its best validation epoch; the \
+         spread is the sample standard deviation, and a lead smaller than about \
+         twice it is noise.\n\n{}\n\
+         Validation curves over the seeds, mean in a band of one standard deviation:\n\n\
+         ![validation curves over seeds]({href})\n\n",
+        seeds_table(over_seeds).to_markdown()
+    );
+    markdown += &ablation(&groups, all)?;
+    Ok(markdown)
+}
+
+fn seeds_table(over_seeds: &[(String, Vec<RunInfo>)]) -> Table {
+    let mut table = Table::new(&[
+        "config",
+        "regularisation",
+        "parameters",
+        "seeds",
+        "test accuracy per seed",
+        "mean ± std",
+        "assignment report",
+    ]);
+    for (name, runs) in over_seeds {
+        let accuracies = test_accuracies(runs.iter());
+        let seeds: Vec<String> = runs.iter().map(|r| r.summary.seed.to_string()).collect();
+        // A `_best` config improves on the assignment's config of the same model.
+        let assignment = ASSIGNMENT
+            .iter()
+            .find(|(n, _)| *n == name.trim_end_matches("_best"))
+            .map_or("-", |(_, acc)| acc);
+        table.push(vec![
+            format!("`{name}`"),
+            runs[0].regularisation(),
+            thousands(runs[0].summary.params),
+            seeds.join(", "),
+            (accuracies.iter().map(|&a| percent(Some(a))))
+                .collect::<Vec<_>>()
+                .join(", "),
+            format!("**{}**", seeds::percent_spread(&accuracies)),
+            assignment.to_string(),
+        ]);
+    }
+    table
+}
+
+fn test_accuracies<'a>(runs: impl Iterator<Item = &'a RunInfo>) -> Vec<f64> {
+    runs.filter_map(|r| r.summary.test_acc).collect()
+}
+
+/// One row per config and per setting changed from it, where runs over two
+/// seeds or more exist with exactly that one change; empty where none do.
+fn ablation(configs: &[SeedGroup], all: &[RunInfo]) -> Result<String> {
+    let candidates = seeds::seed_groups(all);
+    let mut table = Table::new(&[
+        "config",
+        "change",
+        "n",
+        "test accuracy",
+        "against the config",
+        "train - validation (last epoch)",
+    ]);
+    let mut rows = 0;
+    for config in configs {
+        let base = without_seed(config.runs[0]);
+        let base_mean = seeds::mean_std(&test_accuracies(config.runs.iter().copied())).0;
+        table.push(row(
+            &format!("`{}`", config.label),
+            "as it is",
+            config,
+            None,
+        )?);
+        for group in candidates.iter().filter(|g| g.runs.len() >= 2) {
+            let Some(change) = single_change(&base, &without_seed(group.runs[0])) else {
+                continue;
+            };
+            table.push(row("", &change, group, Some(base_mean))?);
+            rows += 1;
+        }
+    }
+    if rows == 0 {
+        return Ok(String::new());
+    }
+    Ok(format!(
+        "Ablation (`scripts/ablation.sh`): each config again with one technique \
+         turned off, over the same seeds. The last column is the gap between \
+         training and validation accuracy at the last epoch, mean over the seeds: \
+         what a technique does against overfitting (augmentation, smoothing and \
+         BatchNorm's batch statistics lower training accuracy as measured \
+         during the epoch, so a negative gap is not underfitting).\n\n{}\n",
+        table.to_markdown()
+    ))
+}
+
+fn row(
+    config: &str,
+    change: &str,
+    group: &SeedGroup,
+    base_mean: Option<f64>,
+) -> Result<Vec<String>> {
+    let accuracies = test_accuracies(group.runs.iter().copied());
+    let mut gaps = Vec::new();
+    for run in &group.runs {
+        if let Some(last) = run.metrics()?.last() {
+            gaps.push(last.train_acc - last.val_acc);
+        }
+    }
+    let against = base_mean.map_or("-".to_string(), |base| {
+        format!(
+            "{:+.2} points",
+            100.0 * (seeds::mean_std(&accuracies).0 - base)
+        )
+    });
+    Ok(vec![
+        config.to_string(),
+        change.to_string(),
+        group.runs.len().to_string(),
+        seeds::percent_spread(&accuracies),
+        against,
+        format!("{:+.2} points", 100.0 * seeds::mean_std(&gaps).0),
+    ])
+}
+
+/// A run's hyperparameters but the seed and the evaluation batch (which changes
+/// no result).
+fn without_seed(run: &RunInfo) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut hparams = run.hparams.clone();
+    hparams.remove("seed");
+    hparams.remove("train.eval_batch_size");
+    hparams
+}
+
+/// `key = value` where `variant` differs from `base` in that one key; `None`
+/// where they are equal or differ in more.
+fn single_change(
+    base: &std::collections::BTreeMap<String, serde_json::Value>,
+    variant: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Option<String> {
+    let mut keys: Vec<&String> = base.keys().chain(variant.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let changed: Vec<&String> = keys
+        .into_iter()
+        .filter(|k| base.get(*k) != variant.get(*k))
+        .collect();
+    match changed.as_slice() {
+        [key] => {
+            let value = variant
+                .get(*key)
+                .map_or("unset".to_string(), |v| v.to_string());
+            Some(format!("{key} = {}", value.trim_matches('"')))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_change_is_one_key_exactly() {
+        let base = [("a".to_string(), json!(1)), ("b".to_string(), json!("x"))]
+            .into_iter()
+            .collect();
+        let mut one = std::collections::BTreeMap::clone(&base);
+        one.insert("b".into(), json!("y"));
+        assert_eq!(single_change(&base, &one).as_deref(), Some("b = y"));
+        let mut two = one.clone();
+        two.insert("a".into(), json!(2));
+        assert_eq!(single_change(&base, &two), None);
+        assert_eq!(single_change(&base, &base), None);
+    }
+}
