@@ -21,8 +21,7 @@ fi
 "$cuda_venv/bin/pip" install --quiet --disable-pip-version-check \
     "nvidia-cuda-nvcc==$cuda_version" "nvidia-cuda-runtime==$cuda_version" \
     "nvidia-cuda-crt==$cuda_version" "nvidia-nvvm==$cuda_version" \
-    "nvidia-cuda-cccl==$cuda_version" "nvidia-cuda-nvrtc==$cuda_version" \
-    "nvidia-cublas>=13,<14" "nvidia-curand>=10.4,<11"
+    "nvidia-cuda-cccl==$cuda_version"
 
 cuda_root="$("$cuda_venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
 if [ ! -x "$cuda_root/bin/nvcc" ]; then
@@ -40,6 +39,9 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 # CUDA_ERROR_UNKNOWN (999) should it ever be loaded instead of the driver's.
 link_stub_libcuda() {
     local lib versioned registry driver_api stubs
+    # The libraries themselves (cuBLAS alone is ~600 MB): only a build that links needs them.
+    "$cuda_venv/bin/pip" install --quiet --disable-pip-version-check \
+        "nvidia-cuda-nvrtc==$cuda_version" "nvidia-cublas>=13,<14" "nvidia-curand>=10.4,<11"
     for lib in cudart cublas cublasLt curand nvrtc; do
         versioned="$(cd "$cuda_root/lib" && ls "lib$lib.so."* | grep -E "^lib$lib\.so\.[0-9]+$" | head -n 1)"
         ln -sf "$versioned" "$cuda_root/lib/lib$lib.so"

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine, over what scripts/build-cuda.sh made in
-# target/cuda-dist (carried there packed, as target/cuda-carry/cuda-dist.tar.xz: the machine needs no Rust toolchain and no
-# network, only a driver and a Python whose PyTorch wheels bring cuBLAS, cuRAND
-# and NVRTC):
-#   1. the CUDA tests (GPU against CPU, forward, backward, optimiser steps),
+# target/cuda-dist (carried there packed, as target/cuda-carry/cuda-dist.tar.xz;
+# the machine needs no Rust toolchain and no network, only a driver and a Python
+# whose PyTorch wheels bring the CUDA runtime, cuBLAS and cuRAND):
+#   1. the CUDA tests (GPU against CPU: ops, evaluations, optimiser steps,
+#      checkpoints, byte images),
 #   2. training and evaluation throughput, mnist-lab and the PyTorch reference
 #      one right after the other on the same GPU, per model and batch size,
-#   3. the five configs (the assignment's four and lenet5_fast) trained for
-#      their 20 epochs (lenet5_fast: its own) through `mnist-lab sweep --set
-#      device.kind=cuda`, timed, and one of the runs evaluated again on the CPU.
+#   3. the five configs (the assignment's four, 20 epochs each, and lenet5_fast)
+#      through `mnist-lab sweep --set device.kind=cuda`, timed, and one of the
+#      runs evaluated again on the CPU.
 # Writes gpu-check.log, bench.md, runs.txt and runs.tar.gz to $OUT (default
 # target/gpu-check). Environment: CUDA_DIST, STEPS (timed steps, default 300),
 # SWEEP_SET (extra `--set` for the sweep, e.g. train.epochs=2 for a quick look),
