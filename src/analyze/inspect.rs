@@ -115,18 +115,11 @@ pub fn regularisation(config: &Config) -> String {
 /// one), oldest first, and a warning for each folder that looks like a run but
 /// cannot be read.
 pub fn scan(runs_dir: &Path) -> Result<(Vec<RunInfo>, Vec<String>)> {
-    if runs_dir.join(rundir::SUMMARY_FILE).is_file() {
+    if is_run(runs_dir) {
         return Ok((vec![RunInfo::read(runs_dir)?], Vec::new()));
     }
-    let entries =
-        std::fs::read_dir(runs_dir).map_err(FileError::on("read runs directory", runs_dir))?;
-    let mut dirs: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.join(rundir::SUMMARY_FILE).is_file())
-        .collect();
-    dirs.sort();
     let (mut runs, mut warnings) = (Vec::new(), Vec::new());
-    for dir in dirs {
+    for dir in folders(runs_dir, is_run)? {
         match RunInfo::read(&dir) {
             Ok(run) => runs.push(run),
             Err(error) => warnings.push(format!("skipping {}: {error:#}", dir.display())),
@@ -136,18 +129,28 @@ pub fn scan(runs_dir: &Path) -> Result<(Vec<RunInfo>, Vec<String>)> {
     Ok((runs, warnings))
 }
 
+/// Whether `dir` is a run directory (it holds a summary).
+fn is_run(dir: &Path) -> bool {
+    dir.join(rundir::SUMMARY_FILE).is_file()
+}
+
+/// The entries of `runs_dir` that `keep`, sorted by path.
+fn folders(runs_dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
+    let entries =
+        std::fs::read_dir(runs_dir).map_err(FileError::on("read runs directory", runs_dir))?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| keep(p))
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
 /// [`scan`] of `runs_dir` and of each folder in it that is not a run itself
 /// (`runs/seeds/`, a sweep's `--runs-dir`), skipping what cannot be read.
 pub fn scan_nested(runs_dir: &Path) -> Result<Vec<RunInfo>> {
     let (mut runs, _) = scan(runs_dir)?;
-    let entries =
-        std::fs::read_dir(runs_dir).map_err(FileError::on("read runs directory", runs_dir))?;
-    let mut folders: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && !p.join(rundir::SUMMARY_FILE).is_file())
-        .collect();
-    folders.sort();
-    for folder in folders {
+    for folder in folders(runs_dir, |p| p.is_dir() && !is_run(p))? {
         if let Ok((nested, _)) = scan(&folder) {
             runs.extend(nested);
         }

@@ -53,15 +53,7 @@ impl Tensors {
             .collect();
         let (_, _, height, width) = self.images.dims4()?;
         let pixels = warped_pixels(host_indices, &draws, height, width, self.images.device())?;
-        let images = self
-            .images
-            .flatten_all()?
-            .index_select(&pixels, 0)?
-            .reshape((host_indices.len(), 1, height, width))?;
-        Ok((
-            self.inputs_of(&images)?,
-            self.labels.index_select(indices, 0)?,
-        ))
+        self.gather_pixels(&pixels, indices, host_indices.len())
     }
 
     /// The examples at `indices` (a u32 tensor on the tensors' device; `host_indices`
@@ -87,11 +79,25 @@ impl Tensors {
         } else {
             shifted_pixels_on_device(indices, &shifts, height, width)?
         };
+        self.gather_pixels(&pixels, indices, host_indices.len())
+    }
+}
+
+impl Tensors {
+    /// The `n` images whose flat pixel indices are `pixels`, as model inputs,
+    /// with the labels at `indices`.
+    fn gather_pixels(
+        &self,
+        pixels: &Tensor,
+        indices: &Tensor,
+        n: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, _, height, width) = self.images.dims4()?;
         let images = self
             .images
             .flatten_all()?
-            .index_select(&pixels, 0)?
-            .reshape((host_indices.len(), 1, height, width))?;
+            .index_select(pixels, 0)?
+            .reshape((n, 1, height, width))?;
         Ok((
             self.inputs_of(&images)?,
             self.labels.index_select(indices, 0)?,
