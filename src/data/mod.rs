@@ -175,12 +175,7 @@ impl Datasets {
     pub fn load(config: &DataConfig, seed: u64, device: &Device) -> Result<Datasets> {
         let dir = locate_or_download(config.dir.as_deref(), &download::all_files())?;
         let mnist = Mnist::read(&dir)?;
-        let datasets = Datasets::prepare(&mnist, config, seed, device, dir);
-        drop(mnist);
-        // The raw files and preparation's temporaries are freed by now; hand
-        // their pages back so training does not sit on top of them.
-        crate::util::system::release_freed_memory();
-        datasets
+        Datasets::prepare(&mnist, config, seed, device, dir)
     }
 
     pub fn prepare(
