@@ -5,7 +5,7 @@
 //! below it (`tests/layers.rs` checks it):
 //!
 //! - [`util`]: shared pieces: atomic files, devices, signals, tables, plots,
-//!   progress bars, logging, TensorBoard event files.
+//!   progress bars, logging, TensorBoard event files, the allocation count.
 //! - [`data`]: the `[data]` config; MNIST found or downloaded, read, split,
 //!   prepared as tensors, augmented.
 //! - [`model`]: the `[model]` config and the list of model kinds; the networks,
@@ -18,7 +18,7 @@
 //! - [`run`]: one run into a run directory, its recorders, its training state
 //!   and resumption, and sweeps.
 //! - [`analyze`]: runs read back, grouped over seeds, compared, evaluated, used
-//!   to predict, reported; throughput benchmarks.
+//!   to predict, reported (with the seeds and the ablation); throughput benchmarks.
 //! - [`cli`]: the command line.
 
 pub mod analyze;
