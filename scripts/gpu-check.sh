@@ -71,7 +71,14 @@ configs=()
 for name in lenet5 lenet5_fast custom_mlp lenet5_reg custom_mlp_reg; do configs+=("$dist/configs/$name.toml"); done
 start=$(date +%s.%N)
 # shellcheck disable=SC2086
-${SWEEP_SECONDS:+timeout --signal=TERM "$SWEEP_SECONDS"} "$dist/mnist-lab" sweep "${configs[@]}" --set device.kind=cuda ${SWEEP_SET:+--set $SWEEP_SET} --runs-dir "$runs" || fail "sweep"
+${SWEEP_SECONDS:+timeout --signal=TERM "$SWEEP_SECONDS"} "$dist/mnist-lab" sweep "${configs[@]}" --set device.kind=cuda ${SWEEP_SET:+--set $SWEEP_SET} --runs-dir "$runs"
+sweep_status=$?
+# timeout answers 124 when it stopped the sweep: asked for, not a failure.
+if [ "$sweep_status" -eq 124 ] && [ -n "${SWEEP_SECONDS:-}" ]; then
+    echo "sweep stopped after SWEEP_SECONDS=$SWEEP_SECONDS, as asked"
+elif [ "$sweep_status" -ne 0 ]; then
+    fail "sweep"
+fi
 echo "sweep wall time: $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f s", e - s }')"
 "$dist/mnist-lab" runs "$runs" | tee "$out/runs.txt"
 
