@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activation::fast_tanh;
-use super::{f32_data, task_len};
+use super::{f32_data, output_buffer, task_len};
 
 /// How `z` is normalised per channel before tanh.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -281,7 +281,7 @@ impl CustomOp3 for Activation {
         }
         let mut saved = Saved::default();
         let affine = self.channel_affine(z, dims, (w, b), &mut saved);
-        let mut activated = vec![0f32; z.len()];
+        let mut activated = output_buffer(z.len());
         channel_map(
             &mut activated,
             z,
@@ -345,7 +345,7 @@ fn pool_input(shape: &Shape) -> Result<(usize, usize)> {
 /// window position (0..4, row-major) held the maximum (the first, on ties).
 fn max_pool(input: &[f32], planes: usize, h: usize, w: usize) -> (Vec<f32>, Vec<u8>) {
     let (oh, ow) = (h / 2, w / 2);
-    let mut out = vec![0f32; planes * oh * ow];
+    let mut out = output_buffer(planes * oh * ow);
     let mut winners = vec![0u8; planes * oh * ow];
     let per_task = (planes / rayon::current_num_threads().max(1)).max(1);
     out.par_chunks_mut(oh * ow * per_task)
@@ -497,7 +497,9 @@ impl CustomOp3 for ActivationGrad {
         let g = f32_data(gs, gl, self.name())?;
         let saved = self.saved.lock().expect("activation state lock");
         let dt = self.pre_tanh_grad(&saved, out, g, zl.shape())?;
-        let mut packed = vec![0f32; z.len() + 2 * c];
+        // grad_z is written whole on both paths; the parameters' part only with
+        // BatchNorm, the one path that returns it.
+        let mut packed = output_buffer(z.len() + 2 * c);
         let (grad_z, grad_params) = packed.split_at_mut(z.len());
         match self.norm {
             Norm::Affine => {

@@ -5,7 +5,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::block::lane_sum;
-use super::{f32_data, matmul, task_len, threads};
+use super::{f32_data, matmul, output_buffer, task_len, threads};
 
 /// Sizes of a valid (unpadded), stride-1 convolution.
 #[derive(Debug, Clone, Copy)]
@@ -113,7 +113,7 @@ impl ConvShape {
     /// `conv2d(x, w) + b` for the whole batch.
     fn forward(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         let s = self;
-        let mut out = vec![0f32; s.batch * s.output_len()];
+        let mut out = output_buffer(s.batch * s.output_len());
         let (taps, p) = (s.taps(), s.positions());
         if s.is_dense() {
             // out (n x o) = x (n x taps) . w^T (taps x o)
@@ -133,7 +133,7 @@ impl ConvShape {
             out.par_chunks_mut(s.output_len())
                 .zip(x.par_chunks(s.input_len()))
                 .for_each_init(
-                    || vec![0f32; taps * p],
+                    || output_buffer(taps * p),
                     |cols, (out, image)| {
                         s.im2col(image, cols);
                         // out (o x p) = w (o x taps) . cols (taps x p)
@@ -167,7 +167,7 @@ impl ConvShape {
         let (taps, p) = (s.taps(), s.positions());
         if s.is_dense() {
             // grad_w (o x taps) = grad_out^T (o x n) . x (n x taps)
-            let mut grad_w = vec![0f32; s.c_out * taps];
+            let mut grad_w = output_buffer(s.c_out * taps);
             let dims = (s.c_out, taps, s.batch);
             matmul(
                 dims,
@@ -187,8 +187,9 @@ impl ConvShape {
             x.par_chunks(s.input_len() * per_thread)
                 .zip(g.par_chunks(s.output_len() * per_thread))
                 .map(|(images, grads)| {
-                    let mut cols = vec![0f32; taps * p];
-                    let mut partial = vec![0f32; s.c_out * taps];
+                    let mut cols = output_buffer(taps * p);
+                    // The first image's GEMM writes it, the others add to it.
+                    let mut partial = output_buffer(s.c_out * taps);
                     for (k, (image, grad_out)) in images
                         .chunks(s.input_len())
                         .zip(grads.chunks(s.output_len()))
@@ -307,7 +308,7 @@ impl CustomOp2 for Conv2dGradInput {
             f32_data(ws, wl, self.name())?,
         );
         let (taps, p) = (s.taps(), s.positions());
-        let mut grad_x = vec![0f32; batch * s.input_len()];
+        let mut grad_x = output_buffer(batch * s.input_len());
         if s.is_dense() {
             // grad_x (n x taps) = grad_out (n x o) . w (o x taps)
             let dims = (batch, taps, c_out);
@@ -327,7 +328,7 @@ impl CustomOp2 for Conv2dGradInput {
                 .par_chunks_mut(s.input_len())
                 .zip(g.par_chunks(s.output_len()))
                 .for_each_init(
-                    || vec![0f32; taps * p],
+                    || output_buffer(taps * p),
                     |cols, (grad_image, grad_out)| {
                         // cols (taps x p) = w^T (taps x o) . grad_out (o x p)
                         let dims = (taps, p, c_out);

@@ -7,7 +7,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::activation::fast_tanh;
-use super::{f32_data, matmul, threads};
+use super::{f32_data, matmul, output_buffer, threads};
 
 /// `y = x . w^T + b`: x `(n, in)`, w `(out, in)`, b `(out,)`; with an epilogue,
 /// `tanh(y * scale + shift)` per column, applied to each block of rows while it
@@ -186,7 +186,7 @@ impl CustomOp2 for LinearGradInput {
             f32_data(gs, gl, self.name())?,
             f32_data(ws, wl, self.name())?,
         );
-        let mut grad_x = vec![0f32; n * inputs];
+        let mut grad_x = output_buffer(n * inputs);
         let dims = (n, inputs, outputs);
         matmul(
             dims,

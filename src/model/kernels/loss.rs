@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::f32_data;
+use super::{f32_data, output_buffer};
 
 /// The labels of a CPU tensor argument, as `usize`.
 fn labels(storage: &CpuStorage, layout: &Layout, classes: usize) -> Result<Vec<usize>> {
@@ -88,7 +88,7 @@ impl CustomOp2 for CrossEntropyGrad {
         let (_, classes) = zl.shape().dims2()?;
         let z = f32_data(zs, zl, self.name())?;
         let labels = labels(ys, yl, classes)?;
-        let mut grad = vec![0f32; z.len()];
+        let mut grad = output_buffer(z.len());
         for ((out, row), &label) in grad
             .chunks_exact_mut(classes)
             .zip(z.chunks_exact(classes))
