@@ -533,6 +533,14 @@ fn report_shows_single_runs_and_seed_groups() {
         ablation.contains("| 2 |") && ablation.contains(" points"),
         "{ablation}"
     );
+    // `runs --group` tells the two experiments of the same name apart.
+    let output = run_binary(&["runs", seeds.to_str().unwrap(), "--group"]);
+    assert_success(&output);
+    let table = stdout(&output);
+    assert!(
+        table.contains("mlp_best (optimizer.momentum = 0.5)"),
+        "{table}"
+    );
     for image in [
         "validation.png",
         "mlp.png",

@@ -27,6 +27,7 @@ pub fn section(
         .iter()
         .map(|(name, runs)| SeedGroup {
             label: name.clone(),
+            changes: Vec::new(),
             runs: runs.iter().collect(),
         })
         .collect();
@@ -97,7 +98,7 @@ fn ablation(configs: &[SeedGroup], all: &[RunInfo]) -> Result<String> {
     ]);
     let mut rows = 0;
     for config in configs {
-        let base = without_seed(config.runs[0]);
+        let base = seeds::experiment(config.runs[0]);
         let base_mean = seeds::mean_std(&test_accuracies(config.runs.iter().copied())).0;
         table.push(row(
             &format!("`{}`", config.label),
@@ -106,10 +107,10 @@ fn ablation(configs: &[SeedGroup], all: &[RunInfo]) -> Result<String> {
             None,
         )?);
         for group in candidates.iter().filter(|g| g.runs.len() >= 2) {
-            let Some(change) = single_change(&base, &without_seed(group.runs[0])) else {
+            let [change] = &seeds::changes(&base, &seeds::experiment(group.runs[0]))[..] else {
                 continue;
             };
-            table.push(row("", &change, group, Some(base_mean))?);
+            table.push(row("", change, group, Some(base_mean))?);
             rows += 1;
         }
     }
@@ -154,57 +155,4 @@ fn row(
         against,
         format!("{:+.2} points", 100.0 * seeds::mean_std(&gaps).0),
     ])
-}
-
-/// A run's hyperparameters but the seed and the evaluation batch (which changes
-/// no result).
-fn without_seed(run: &RunInfo) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let mut hparams = run.hparams.clone();
-    hparams.remove("seed");
-    hparams.remove("train.eval_batch_size");
-    hparams
-}
-
-/// `key = value` where `variant` differs from `base` in that one key; `None`
-/// where they are equal or differ in more.
-fn single_change(
-    base: &std::collections::BTreeMap<String, serde_json::Value>,
-    variant: &std::collections::BTreeMap<String, serde_json::Value>,
-) -> Option<String> {
-    let mut keys: Vec<&String> = base.keys().chain(variant.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let changed: Vec<&String> = keys
-        .into_iter()
-        .filter(|k| base.get(*k) != variant.get(*k))
-        .collect();
-    match changed.as_slice() {
-        [key] => {
-            let value = variant
-                .get(*key)
-                .map_or("unset".to_string(), |v| v.to_string());
-            Some(format!("{key} = {}", value.trim_matches('"')))
-        }
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn a_change_is_one_key_exactly() {
-        let base = [("a".to_string(), json!(1)), ("b".to_string(), json!("x"))]
-            .into_iter()
-            .collect();
-        let mut one = std::collections::BTreeMap::clone(&base);
-        one.insert("b".into(), json!("y"));
-        assert_eq!(single_change(&base, &one).as_deref(), Some("b = y"));
-        let mut two = one.clone();
-        two.insert("a".into(), json!(2));
-        assert_eq!(single_change(&base, &two), None);
-        assert_eq!(single_change(&base, &base), None);
-    }
 }

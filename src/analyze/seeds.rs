@@ -1,6 +1,8 @@
 //! Seeds as an axis: runs that differ only by their seed are one experiment
 //! measured several times, shown as mean, spread and n.
 
+use std::collections::BTreeMap;
+
 use plotters::prelude::{RGBColor, SeriesLabelPosition};
 
 use crate::analyze::Result;
@@ -10,37 +12,83 @@ use crate::run::rundir::{Status, Summary};
 use crate::util::plots::{Chart, PALETTE, Series};
 use crate::util::table::Table;
 
+/// A run's hyperparameters as dotted keys to values.
+pub type Hparams = BTreeMap<String, serde_json::Value>;
+
 /// Runs that differ only by their seed: one experiment, measured several times.
 pub struct SeedGroup<'a> {
     /// The runs' name without its `seed_N` part.
     pub label: String,
+    /// What this experiment changes against the first group of the same label
+    /// (`key = value`; empty for that first group): what tells apart the rows
+    /// of a sweep whose names do not say it.
+    pub changes: Vec<String>,
     pub runs: Vec<&'a RunInfo>,
 }
 
-/// Groups completed runs whose hyperparameters are equal but for the seed, in
+impl SeedGroup<'_> {
+    /// The label, followed by the changes if any: `custom_mlp_best (optimizer.nesterov = true)`.
+    pub fn title(&self) -> String {
+        if self.changes.is_empty() {
+            self.label.clone()
+        } else {
+            format!("{} ({})", self.label, self.changes.join(", "))
+        }
+    }
+}
+
+/// What makes a run's experiment: its hyperparameters but the seed and the
+/// evaluation batch (which changes no result).
+pub fn experiment(run: &RunInfo) -> Hparams {
+    let mut hparams = run.hparams.clone();
+    hparams.remove("seed");
+    hparams.remove("train.eval_batch_size");
+    hparams
+}
+
+/// `key = value` for each key whose value in `variant` differs from `base`'s.
+pub fn changes(base: &Hparams, variant: &Hparams) -> Vec<String> {
+    let mut keys: Vec<&String> = base.keys().chain(variant.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| base.get(*k) != variant.get(*k))
+        .map(|key| {
+            let value = variant
+                .get(key)
+                .map_or("unset".to_string(), |v| v.to_string());
+            format!("{key} = {}", value.trim_matches('"'))
+        })
+        .collect()
+}
+
+/// Groups completed runs whose experiment (see [`experiment`]) is equal, in
 /// order of first appearance.
 pub fn seed_groups(runs: &[RunInfo]) -> Vec<SeedGroup<'_>> {
-    let mut groups: Vec<(String, SeedGroup)> = Vec::new();
+    let mut groups: Vec<(Hparams, SeedGroup)> = Vec::new();
     for run in runs
         .iter()
         .filter(|r| r.summary.status == Status::Completed)
     {
-        let mut hparams = run.hparams.clone();
-        hparams.remove("seed");
-        let key = serde_json::to_string(&hparams).expect("hyperparameters serialise");
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, group)) => group.runs.push(run),
-            None => {
-                let label = without_seed(&run.summary.name);
-                groups.push((
-                    key,
-                    SeedGroup {
-                        label,
-                        runs: vec![run],
-                    },
-                ));
-            }
+        let key = experiment(run);
+        if let Some((_, group)) = groups.iter_mut().find(|(k, _)| *k == key) {
+            group.runs.push(run);
+            continue;
         }
+        let label = without_seed(&run.summary.name);
+        let changes = groups
+            .iter()
+            .find(|(_, g)| g.label == label)
+            .map(|(first, _)| changes(first, &key))
+            .unwrap_or_default();
+        groups.push((
+            key,
+            SeedGroup {
+                label,
+                changes,
+                runs: vec![run],
+            },
+        ));
     }
     groups.into_iter().map(|(_, group)| group).collect()
 }
@@ -120,7 +168,7 @@ fn spread_series(
         band.push((x, mean - std, mean + std));
     }
     Series {
-        label: format!("{} (n={})", group.label, runs.len()),
+        label: format!("{} (n={})", group.title(), runs.len()),
         color,
         points,
         band,
@@ -151,7 +199,7 @@ pub fn groups_table(groups: &[SeedGroup]) -> Table {
             .collect();
         let walls: Vec<f64> = group.runs.iter().map(|r| r.summary.wall_secs).collect();
         table.push(vec![
-            group.label.clone(),
+            group.title(),
             first.summary.model.clone(),
             first.regularisation(),
             group.runs.len().to_string(),
@@ -176,5 +224,22 @@ mod tests {
         assert_eq!(percent_spread(&[0.99, 0.992, 0.994]), "99.20% ± 0.20");
         assert_eq!(without_seed("lenet5_best-seed_2"), "lenet5_best");
         assert_eq!(without_seed("g-lr_0.1-seed_0"), "g-lr_0.1");
+    }
+
+    #[test]
+    fn changes_name_each_key_that_differs() {
+        use serde_json::json;
+        let base: Hparams = [("a".to_string(), json!(1)), ("b".to_string(), json!("x"))]
+            .into_iter()
+            .collect();
+        let mut one = base.clone();
+        one.insert("b".into(), json!("y"));
+        assert_eq!(changes(&base, &one), ["b = y"]);
+        let mut two = one.clone();
+        two.insert("a".into(), json!(2));
+        two.insert("c".into(), json!(true));
+        assert_eq!(changes(&base, &two), ["a = 2", "b = y", "c = true"]);
+        assert_eq!(changes(&two, &base), ["a = 1", "b = x", "c = unset"]);
+        assert!(changes(&base, &base).is_empty());
     }
 }
