@@ -48,38 +48,37 @@ impl<L: Layer> ModuleT for Block<L> {
         if !kernels::enabled(x.device()) {
             return self.forward_with_candle_ops(x, train);
         }
-        match (&self.norm, train) {
-            (Some(norm), true) => {
-                let z = x.apply(&self.layer)?;
-                let eps = BN_EPS as f32;
-                let (y, stats) = kernels::activation(
-                    &z,
-                    Norm::Batch { eps },
-                    &norm.weight,
-                    &norm.bias,
-                    self.pool,
-                )?;
-                if let Some(stats) = stats {
-                    norm.update_running_stats(stats, z.elem_count() / norm.weight.elem_count())?;
-                }
-                Ok(y)
-            }
-            (norm, _) => {
-                // A fixed affine map: BatchNorm's running statistics, or none.
-                let (scale, shift) = match norm {
-                    Some(norm) => norm.eval_affine()?,
-                    None => self.identity.clone(),
-                };
-                if !train
-                    && !self.pool
-                    && let Some(y) = self.layer.eval_affine_tanh(x, &scale, &shift)
-                {
-                    return y;
-                }
-                let z = x.apply(&self.layer)?;
-                Ok(kernels::activation(&z, Norm::Affine, &scale, &shift, self.pool)?.0)
-            }
+        // The tail's per-channel map: BatchNorm on the batch's statistics in
+        // training, else a fixed affine map (its running statistics, or none).
+        let (norm, (weight, bias)) = match (&self.norm, train) {
+            (Some(norm), true) => (
+                Norm::Batch { eps: BN_EPS as f32 },
+                (norm.weight.clone(), norm.bias.clone()),
+            ),
+            (Some(norm), false) => (Norm::Affine, norm.eval_affine()?),
+            (None, _) => (Norm::Affine, self.identity.clone()),
+        };
+        if !train
+            && !self.pool
+            && let Some(y) = self.layer.eval_affine_tanh(x, &weight, &bias)
+        {
+            return y;
         }
+        let fused = match train {
+            true => self.layer.train_block(x, norm, (&weight, &bias), self.pool),
+            false => None,
+        };
+        let (y, stats) = match fused {
+            Some(result) => result?,
+            None => kernels::activation(&x.apply(&self.layer)?, norm, &weight, &bias, self.pool)?,
+        };
+        if let (Some(batch_norm), Some(stats)) = (&self.norm, stats) {
+            // Values per channel the statistics came from: before pooling, four per output.
+            let per_output = if self.pool { 4 } else { 1 };
+            let count = per_output * y.elem_count() / batch_norm.weight.elem_count();
+            batch_norm.update_running_stats(stats, count)?;
+        }
+        Ok(y)
     }
 }
 
@@ -199,6 +198,18 @@ impl Module for Linear {
 /// A block's layer. Layers with a fused evaluation kernel for "layer, affine map,
 /// tanh" say so by returning it.
 pub trait Layer: Module {
+    /// The layer and its block's tail (see [`kernels::activation`]) as one op in
+    /// training, where the layer has one.
+    fn train_block(
+        &self,
+        _x: &Tensor,
+        _norm: Norm,
+        _tail: (&Tensor, &Tensor),
+        _pool: bool,
+    ) -> Option<Result<(Tensor, Option<BatchStats>)>> {
+        None
+    }
+
     fn eval_affine_tanh(
         &self,
         _x: &Tensor,
@@ -226,7 +237,23 @@ impl Layer for Linear {
     }
 }
 
-impl Layer for Conv {}
+impl Layer for Conv {
+    fn train_block(
+        &self,
+        x: &Tensor,
+        norm: Norm,
+        tail: (&Tensor, &Tensor),
+        pool: bool,
+    ) -> Option<Result<(Tensor, Option<BatchStats>)>> {
+        Some(kernels::conv_block(
+            x,
+            (&self.weight, &self.bias),
+            norm,
+            tail,
+            pool,
+        ))
+    }
+}
 
 /// A 2-D convolution (valid padding, stride 1) with bias, on the fast kernels.
 pub struct Conv {

@@ -251,27 +251,18 @@ impl Activation {
     }
 }
 
-impl CustomOp3 for Activation {
-    fn name(&self) -> &'static str {
-        "mnist-lab-activation"
-    }
-
-    fn cpu_fwd(
+impl Activation {
+    /// The forward pass over `z` of `shape` with per-channel `(w, b)` (BatchNorm's
+    /// weight and bias, or a fixed scale and shift); keeps in `self.saved` what
+    /// the backward pass needs.
+    pub(super) fn apply(
         &self,
-        zs: &CpuStorage,
-        zl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dims = channel_dims(zl.shape())?;
+        z: &[f32],
+        shape: &Shape,
+        (w, b): (&[f32], &[f32]),
+    ) -> Result<(Vec<f32>, Shape)> {
+        let dims = channel_dims(shape)?;
         let (n, c, _) = dims;
-        let z = f32_data(zs, zl, self.name())?;
-        let (w, b) = (
-            f32_data(ws, wl, self.name())?,
-            f32_data(bs, bl, self.name())?,
-        );
         if w.len() != c || b.len() != c {
             candle_core::bail!(
                 "activation: {c} channels but {} and {} parameters",
@@ -291,15 +282,39 @@ impl CustomOp3 for Activation {
             |z, _, [scale, shift, ..]| fast_tanh(z * scale + shift),
         );
         let (out, shape) = if self.pool {
-            let (h, w) = pool_input(zl.shape())?;
+            let (h, w) = pool_input(shape)?;
             let (out, winners) = max_pool(&activated, n * c, h, w);
             saved.activated = activated;
             saved.winners = winners;
             (out, Shape::from((n, c, h / 2, w / 2)))
         } else {
-            (activated, zl.shape().clone())
+            (activated, shape.clone())
         };
         *self.saved.lock().expect("activation state lock") = saved;
+        Ok((out, shape))
+    }
+}
+
+impl CustomOp3 for Activation {
+    fn name(&self) -> &'static str {
+        "mnist-lab-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        zs: &CpuStorage,
+        zl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let z = f32_data(zs, zl, self.name())?;
+        let (w, b) = (
+            f32_data(ws, wl, self.name())?,
+            f32_data(bs, bl, self.name())?,
+        );
+        let (out, shape) = self.apply(z, zl.shape(), (w, b))?;
         Ok((CpuStorage::F32(out), shape))
     }
 
@@ -384,11 +399,12 @@ fn max_pool(input: &[f32], planes: usize, h: usize, w: usize) -> (Vec<f32>, Vec<
 
 /// Gradients of [`Activation`] from (z, its output, the output's gradient),
 /// packed as `[grad_z..., grad_weight..., grad_bias...]`.
-struct ActivationGrad {
-    norm: Norm,
-    pool: bool,
-    weight: Vec<f32>,
-    saved: Arc<Mutex<Saved>>,
+pub(super) struct ActivationGrad {
+    pub norm: Norm,
+    pub pool: bool,
+    /// BatchNorm's weight, or the fixed scale.
+    pub weight: Vec<f32>,
+    pub saved: Arc<Mutex<Saved>>,
 }
 
 impl ActivationGrad {
@@ -490,15 +506,30 @@ impl CustomOp3 for ActivationGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = channel_dims(zl.shape())?;
-        let c = dims.1;
         let z = f32_data(zs, zl, self.name())?;
         let out = f32_data(os, ol, self.name())?;
         let g = f32_data(gs, gl, self.name())?;
+        let packed = self.packed_grads(z, zl.shape(), out, g)?;
+        let len = packed.len();
+        Ok((CpuStorage::F32(packed), Shape::from(len)))
+    }
+}
+
+impl ActivationGrad {
+    /// `[grad_z..., grad_weight..., grad_bias...]` from `z` of `z_shape`, the
+    /// forward's output and its gradient. The parameters' part is zero for a
+    /// fixed affine map, which has no gradient.
+    pub(super) fn packed_grads(
+        &self,
+        z: &[f32],
+        z_shape: &Shape,
+        out: &[f32],
+        g: &[f32],
+    ) -> Result<Vec<f32>> {
+        let dims = channel_dims(z_shape)?;
+        let c = dims.1;
         let saved = self.saved.lock().expect("activation state lock");
-        let dt = self.pre_tanh_grad(&saved, out, g, zl.shape())?;
-        // grad_z is written whole on both paths; the parameters' part only with
-        // BatchNorm, the one path that returns it.
+        let dt = self.pre_tanh_grad(&saved, out, g, z_shape)?;
         let mut packed = output_buffer(z.len() + 2 * c);
         let (grad_z, grad_params) = packed.split_at_mut(z.len());
         match self.norm {
@@ -507,49 +538,23 @@ impl CustomOp3 for ActivationGrad {
                 channel_map(grad_z, &dt, &dt, dims, &scales, |dt, _, [scale, ..]| {
                     dt * scale
                 });
+                grad_params.fill(0.0);
             }
             Norm::Batch { eps } => {
                 self.batch_norm_grad(&saved, (z, &dt), dims, eps, (grad_z, grad_params))
             }
         }
-        let len = packed.len();
-        Ok((CpuStorage::F32(packed), Shape::from(len)))
+        Ok(packed)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
-    use crate::model::kernels::{Norm, activation, max_pool2x2};
-    use candle_core::{DType, Device, ModuleT, Tensor, Var};
-
-    /// Candle's own ops for the same computation: BatchNorm (training mode) or
-    /// an affine map, tanh, then max-pooling over reshaped windows.
-    fn reference(z: &Tensor, w: &Tensor, b: &Tensor, norm: Norm, pool: bool) -> Tensor {
-        let c = w.elem_count();
-        let shape: Vec<usize> = (0..z.rank()).map(|d| if d == 1 { c } else { 1 }).collect();
-        let normalised = match norm {
-            Norm::Batch { eps } => {
-                let zeros = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
-                let ones = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
-                let bn =
-                    candle_nn::BatchNorm::new(c, zeros, ones, w.clone(), b.clone(), eps as f64)
-                        .unwrap();
-                bn.forward_t(z, true).unwrap()
-            }
-            Norm::Affine => z
-                .broadcast_mul(&w.reshape(shape.clone()).unwrap())
-                .unwrap()
-                .broadcast_add(&b.reshape(shape).unwrap())
-                .unwrap(),
-        };
-        let y = normalised.tanh().unwrap();
-        if !pool {
-            return y;
-        }
-        // The fallback path other devices use.
-        max_pool2x2(&y.to_device(&Device::Cpu).unwrap()).unwrap()
-    }
+    use crate::model::kernels::testing::{
+        candle_tail as reference, max_diff, on_the_kernel_path, random,
+    };
+    use crate::model::kernels::{Norm, activation};
+    use candle_core::{DType, Device, Tensor, Var};
 
     fn check(shape: &[usize], norm: Norm, pool: bool) {
         on_the_kernel_path();

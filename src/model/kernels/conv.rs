@@ -9,18 +9,18 @@ use super::{f32_data, matmul, output_buffer, task_len, threads};
 
 /// Sizes of a valid (unpadded), stride-1 convolution.
 #[derive(Debug, Clone, Copy)]
-struct ConvShape {
-    batch: usize,
+pub(super) struct ConvShape {
+    pub(super) batch: usize,
     c_in: usize,
     height: usize,
     width: usize,
-    c_out: usize,
+    pub(super) c_out: usize,
     kh: usize,
     kw: usize,
 }
 
 impl ConvShape {
-    fn new(input: &Shape, kernel: &Shape) -> Result<ConvShape> {
+    pub(super) fn new(input: &Shape, kernel: &Shape) -> Result<ConvShape> {
         let (batch, c_in, height, width) = input.dims4()?;
         let (c_out, k_in, kh, kw) = kernel.dims4()?;
         if k_in != c_in || kh > height || kw > width {
@@ -37,11 +37,11 @@ impl ConvShape {
         })
     }
 
-    fn out_h(&self) -> usize {
+    pub(super) fn out_h(&self) -> usize {
         self.height - self.kh + 1
     }
 
-    fn out_w(&self) -> usize {
+    pub(super) fn out_w(&self) -> usize {
         self.width - self.kw + 1
     }
 
@@ -51,15 +51,15 @@ impl ConvShape {
     }
 
     /// Kernel taps per output: the GEMM's inner dimension.
-    fn taps(&self) -> usize {
+    pub(super) fn taps(&self) -> usize {
         self.c_in * self.kh * self.kw
     }
 
-    fn input_len(&self) -> usize {
+    pub(super) fn input_len(&self) -> usize {
         self.c_in * self.height * self.width
     }
 
-    fn output_len(&self) -> usize {
+    pub(super) fn output_len(&self) -> usize {
         self.c_out * self.positions()
     }
 
@@ -111,7 +111,7 @@ impl ConvShape {
 /// The convolutions themselves, on slices whose shapes [`ConvShape`] has checked.
 impl ConvShape {
     /// `conv2d(x, w) + b` for the whole batch.
-    fn forward(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    pub(super) fn forward(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         let s = self;
         let mut out = output_buffer(s.batch * s.output_len());
         let (taps, p) = (s.taps(), s.positions());
@@ -162,7 +162,7 @@ impl ConvShape {
     }
 
     /// The weight gradient, `(o, c, kh, kw)`, from the inputs and the output gradient.
-    fn weight_gradient(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
+    pub(super) fn weight_gradient(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
         let s = self;
         let (taps, p) = (s.taps(), s.positions());
         if s.is_dense() {
@@ -217,6 +217,57 @@ impl ConvShape {
                     a
                 })
                 .unwrap_or_else(|| vec![0f32; s.c_out * taps])
+        }
+    }
+
+    /// The input gradient, `(n, c, h, w)`, from the output gradient and the kernel.
+    pub(super) fn input_gradient(&self, g: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut grad_x = output_buffer(self.batch * self.input_len());
+        self.input_gradient_into(g, w, &mut grad_x);
+        grad_x
+    }
+
+    /// [`Self::input_gradient`], written whole into `grad_x`.
+    pub(super) fn input_gradient_into(&self, g: &[f32], w: &[f32], grad_x: &mut [f32]) {
+        let s = self;
+        let (taps, p) = (s.taps(), s.positions());
+        if s.is_dense() {
+            // grad_x (n x taps) = grad_out (n x o) . w (o x taps)
+            let dims = (s.batch, taps, s.c_out);
+            matmul(
+                dims,
+                grad_x,
+                (taps, 1),
+                g,
+                (s.c_out, 1),
+                w,
+                (taps, 1),
+                false,
+                threads(),
+            );
+        } else {
+            grad_x
+                .par_chunks_mut(s.input_len())
+                .zip(g.par_chunks(s.output_len()))
+                .for_each_init(
+                    || output_buffer(taps * p),
+                    |cols, (grad_image, grad_out)| {
+                        // cols (taps x p) = w^T (taps x o) . grad_out (o x p)
+                        let dims = (taps, p, s.c_out);
+                        matmul(
+                            dims,
+                            cols,
+                            (p, 1),
+                            w,
+                            (1, taps),
+                            grad_out,
+                            (p, 1),
+                            false,
+                            Parallelism::None,
+                        );
+                        s.col2im(cols, grad_image);
+                    },
+                );
         }
     }
 }
@@ -299,7 +350,7 @@ impl CustomOp2 for Conv2dGradInput {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (batch, c_out, oh, ow) = gl.shape().dims4()?;
+        let (batch, _, oh, ow) = gl.shape().dims4()?;
         let (_, c_in, kh, kw) = wl.shape().dims4()?;
         let input = Shape::from((batch, c_in, oh + kh - 1, ow + kw - 1));
         let s = ConvShape::new(&input, wl.shape())?;
@@ -307,46 +358,7 @@ impl CustomOp2 for Conv2dGradInput {
             f32_data(gs, gl, self.name())?,
             f32_data(ws, wl, self.name())?,
         );
-        let (taps, p) = (s.taps(), s.positions());
-        let mut grad_x = output_buffer(batch * s.input_len());
-        if s.is_dense() {
-            // grad_x (n x taps) = grad_out (n x o) . w (o x taps)
-            let dims = (batch, taps, c_out);
-            matmul(
-                dims,
-                &mut grad_x,
-                (taps, 1),
-                g,
-                (c_out, 1),
-                w,
-                (taps, 1),
-                false,
-                threads(),
-            );
-        } else {
-            grad_x
-                .par_chunks_mut(s.input_len())
-                .zip(g.par_chunks(s.output_len()))
-                .for_each_init(
-                    || output_buffer(taps * p),
-                    |cols, (grad_image, grad_out)| {
-                        // cols (taps x p) = w^T (taps x o) . grad_out (o x p)
-                        let dims = (taps, p, c_out);
-                        matmul(
-                            dims,
-                            cols,
-                            (p, 1),
-                            w,
-                            (1, taps),
-                            grad_out,
-                            (p, 1),
-                            false,
-                            Parallelism::None,
-                        );
-                        s.col2im(cols, grad_image);
-                    },
-                );
-        }
+        let grad_x = s.input_gradient(g, w);
         Ok((CpuStorage::F32(grad_x), input))
     }
 }
@@ -390,18 +402,26 @@ impl CustomOp1 for ChannelSum {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = xl.shape().dims4()?;
         let x = f32_data(xs, xl, self.name())?;
-        // Plane sums in parallel, then added per channel in image order: the
-        // same result whatever the thread count.
-        let planes: Vec<f32> = x
-            .par_chunks(task_len(h * w))
-            .flat_map_iter(|planes| planes.chunks_exact(h * w).map(|p| lane_sum(p, p, |v, _| v)))
-            .collect();
-        let mut sums = vec![0f32; c];
-        for (i, plane) in planes.iter().enumerate() {
-            sums[i % c] += plane;
-        }
-        Ok((CpuStorage::F32(sums), Shape::from(c)))
+        Ok((CpuStorage::F32(channel_sum(x, c, h * w)), Shape::from(c)))
     }
+}
+
+/// Per-channel sums of `(n, c, positions)` data. Plane sums in parallel, then
+/// added per channel in image order: the same result whatever the thread count.
+pub(super) fn channel_sum(x: &[f32], c: usize, positions: usize) -> Vec<f32> {
+    let planes: Vec<f32> = x
+        .par_chunks(task_len(positions))
+        .flat_map_iter(|planes| {
+            planes
+                .chunks_exact(positions)
+                .map(|p| lane_sum(p, p, |v, _| v))
+        })
+        .collect();
+    let mut sums = vec![0f32; c];
+    for (i, plane) in planes.iter().enumerate() {
+        sums[i % c] += plane;
+    }
+    sums
 }
 
 /// Copies one im2col row. LeNet5's rows are 28 or 10 values: as fixed-size

@@ -20,11 +20,13 @@ use gemm::Parallelism;
 mod activation;
 mod block;
 mod conv;
+mod conv_block;
 mod linear;
 mod loss;
 
 use block::{Activation, Saved};
 use conv::Conv2d;
+use conv_block::ConvBlock;
 use linear::Linear;
 use loss::CrossEntropy;
 
@@ -291,9 +293,66 @@ pub fn activation(
     Ok((y, stats))
 }
 
+/// A convolution block in training, on the CPU: `conv2d(x, w) + b`, then
+/// per-channel normalisation, tanh and 2x2 max-pooling when `pool`, as one op
+/// (see `conv_block`); `norm_w` and `norm_b` as for [`activation`].
+pub fn conv_block(
+    x: &Tensor,
+    (w, b): (&Tensor, &Tensor),
+    norm: Norm,
+    (norm_w, norm_b): (&Tensor, &Tensor),
+    pool: bool,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    if !x.device().is_cpu() {
+        candle_core::bail!("the fused convolution block runs on the CPU only");
+    }
+    let params = Tensor::cat(&[&w.flatten_all()?, b, norm_w, norm_b], 0)?;
+    let saved = Arc::new(Mutex::new(Saved::default()));
+    let op = ConvBlock::new(w.shape().clone(), norm, pool, saved.clone());
+    let y = x.contiguous()?.apply_op2(&params, op)?;
+    let stats = match norm {
+        Norm::Batch { .. } => {
+            let saved = saved.lock().expect("activation state lock");
+            Some((saved.means.clone(), saved.vars.clone()))
+        }
+        Norm::Affine => None,
+    };
+    Ok((y, stats))
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, ModuleT, Tensor};
+
+    use super::{Norm, max_pool2x2};
+
+    /// A layer's tail in Candle's own ops: BatchNorm (training mode) or an
+    /// affine map, tanh, then max-pooling over reshaped windows.
+    pub fn candle_tail(z: &Tensor, w: &Tensor, b: &Tensor, norm: Norm, pool: bool) -> Tensor {
+        let c = w.elem_count();
+        let shape: Vec<usize> = (0..z.rank()).map(|d| if d == 1 { c } else { 1 }).collect();
+        let normalised = match norm {
+            Norm::Batch { eps } => {
+                let zeros = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+                let ones = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
+                let bn =
+                    candle_nn::BatchNorm::new(c, zeros, ones, w.clone(), b.clone(), eps as f64)
+                        .unwrap();
+                bn.forward_t(z, true).unwrap()
+            }
+            Norm::Affine => z
+                .broadcast_mul(&w.reshape(shape.clone()).unwrap())
+                .unwrap()
+                .broadcast_add(&b.reshape(shape).unwrap())
+                .unwrap(),
+        };
+        let y = normalised.tanh().unwrap();
+        if !pool {
+            return y;
+        }
+        // The fallback path other devices use.
+        max_pool2x2(&y.to_device(&Device::Cpu).unwrap()).unwrap()
+    }
 
     /// Makes sure the kernels, not Candle's ops, are what a test exercises,
     /// whatever `MNIST_LAB_CANDLE_OPS` says (no unit test asks for Candle's ops).
