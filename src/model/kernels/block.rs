@@ -1,7 +1,8 @@
 //! The tail every hidden layer shares, as one op: a per-channel normalisation
 //! (BatchNorm with batch statistics, or a fixed affine map), tanh, and optionally
-//! 2x2 max-pooling. One pass forward; one backward op that reuses what the
-//! forward kept (the tanh outputs, which input won each pooling window, the
+//! 2x2 max-pooling. One pass forward (pooling picks each window's largest
+//! normalised value, then takes one tanh); one backward op that reuses the
+//! output and what the forward kept (which input won each pooling window, the
 //! batch statistics) instead of a chain of Candle ops each with its own gradient
 //! buffers.
 
@@ -27,8 +28,6 @@ pub enum Norm {
 /// What the forward pass keeps for the backward pass and the running statistics.
 #[derive(Debug, Default)]
 pub struct Saved {
-    /// tanh outputs before pooling (kept only when pooling).
-    activated: Vec<f32>,
     /// For each pooled output, which of its window's four inputs was largest.
     winners: Vec<u8>,
     /// Per-channel batch mean and biased variance (BatchNorm only).
@@ -272,22 +271,21 @@ impl Activation {
         }
         let mut saved = Saved::default();
         let affine = self.channel_affine(z, dims, (w, b), &mut saved);
-        let mut activated = output_buffer(z.len());
-        channel_map(
-            &mut activated,
-            z,
-            z,
-            dims,
-            &affine,
-            |z, _, [scale, shift, ..]| fast_tanh(z * scale + shift),
-        );
         let (out, shape) = if self.pool {
             let (h, w) = pool_input(shape)?;
-            let (out, winners) = max_pool(&activated, n * c, h, w);
-            saved.activated = activated;
+            let (out, winners) = affine_tanh_pool(z, (n, c, h, w), &affine);
             saved.winners = winners;
             (out, Shape::from((n, c, h / 2, w / 2)))
         } else {
+            let mut activated = output_buffer(z.len());
+            channel_map(
+                &mut activated,
+                z,
+                z,
+                dims,
+                &affine,
+                |z, _, [scale, shift, ..]| fast_tanh(z * scale + shift),
+            );
             (activated, shape.clone())
         };
         *self.saved.lock().expect("activation state lock") = saved;
@@ -356,42 +354,55 @@ fn pool_input(shape: &Shape) -> Result<(usize, usize)> {
     Ok((h, w))
 }
 
-/// 2x2 max-pooling of `planes` planes of `h x w`; also returns, per output, which
-/// window position (0..4, row-major) held the maximum (the first, on ties).
-fn max_pool(input: &[f32], planes: usize, h: usize, w: usize) -> (Vec<f32>, Vec<u8>) {
+/// 2x2 max-pooling of `tanh(z * scale + shift)` over `(n, c, h, w)` data, with
+/// each channel's `[scale, shift, ..]`; also returns, per output, which window
+/// position (0..4, row-major) held the maximum (the first, on ties). tanh is
+/// increasing, so a window's maximum is the tanh of its largest affine value:
+/// one tanh per output instead of four, and no full-size buffer in between.
+fn affine_tanh_pool(
+    z: &[f32],
+    (n, c, h, w): (usize, usize, usize, usize),
+    affine: &[Params],
+) -> (Vec<f32>, Vec<u8>) {
     let (oh, ow) = (h / 2, w / 2);
+    let planes = n * c;
     let mut out = output_buffer(planes * oh * ow);
     let mut winners = vec![0u8; planes * oh * ow];
     let per_task = (planes / rayon::current_num_threads().max(1)).max(1);
     out.par_chunks_mut(oh * ow * per_task)
         .zip(winners.par_chunks_mut(oh * ow * per_task))
-        .zip(input.par_chunks(h * w * per_task))
-        .for_each(|((out, winners), input)| {
-            for ((out, winners), plane) in out
+        .zip(z.par_chunks(h * w * per_task))
+        .enumerate()
+        .for_each(|(task, ((out, winners), z))| {
+            let planes = out
                 .chunks_mut(oh * ow)
                 .zip(winners.chunks_mut(oh * ow))
-                .zip(input.chunks(h * w))
-            {
+                .zip(z.chunks(h * w));
+            for (i, ((out, winners), plane)) in planes.enumerate() {
+                let [scale, shift, ..] = affine[(task * per_task + i) % c];
+                let y = |v: f32| v * scale + shift;
                 for oy in 0..oh {
                     let (top, bottom) =
                         (&plane[2 * oy * w..][..w], &plane[(2 * oy + 1) * w..][..w]);
                     for ox in 0..ow {
-                        let window = [
-                            top[2 * ox],
-                            top[2 * ox + 1],
-                            bottom[2 * ox],
-                            bottom[2 * ox + 1],
-                        ];
-                        let mut best = 0;
-                        for k in 1..4 {
-                            if window[k] > window[best] {
-                                best = k;
-                            }
-                        }
-                        out[oy * ow + ox] = window[best];
-                        winners[oy * ow + ox] = best as u8;
+                        let (t0, t1) = (y(top[2 * ox]), y(top[2 * ox + 1]));
+                        let (b0, b1) = (y(bottom[2 * ox]), y(bottom[2 * ox + 1]));
+                        // The first of the four holding the maximum, as a scan
+                        // with `>` finds it, as selects rather than branches
+                        // (which random data mispredicts).
+                        let (upper, k_upper) = if t1 > t0 { (t1, 1) } else { (t0, 0) };
+                        let (lower, k_lower) = if b1 > b0 { (b1, 3) } else { (b0, 2) };
+                        let (best, k) = if lower > upper {
+                            (lower, k_lower)
+                        } else {
+                            (upper, k_upper)
+                        };
+                        out[oy * ow + ox] = best;
+                        winners[oy * ow + ox] = k;
                     }
                 }
+                // tanh over the whole plane at once: a loop the compiler vectorises.
+                out.iter_mut().for_each(|v| *v = fast_tanh(*v));
             }
         });
     (out, winners)
@@ -426,17 +437,19 @@ impl ActivationGrad {
         }
         let (h, w) = pool_input(z_shape)?;
         let (oh, ow) = (h / 2, w / 2);
-        let mut grad = vec![0f32; saved.activated.len()];
+        // Only each window's winner gets a gradient, and its tanh value is the
+        // pooled output.
+        let mut grad = vec![0f32; z_shape.elem_count()];
         grad.par_chunks_mut(h * w)
-            .zip(saved.activated.par_chunks(h * w))
+            .zip(out.par_chunks(oh * ow))
             .zip(saved.winners.par_chunks(oh * ow).zip(g.par_chunks(oh * ow)))
             .with_min_len(task_len(h * w) / (h * w))
             .for_each(|((grad, a), (winners, g))| {
                 for oy in 0..oh {
                     for ox in 0..ow {
-                        let k = winners[oy * ow + ox] as usize;
+                        let (i, k) = (oy * ow + ox, winners[oy * ow + ox] as usize);
                         let at = (2 * oy + k / 2) * w + 2 * ox + k % 2;
-                        grad[at] = g[oy * ow + ox] * (1.0 - a[at] * a[at]);
+                        grad[at] = g[i] * (1.0 - a[i] * a[i]);
                     }
                 }
             });
