@@ -16,7 +16,7 @@ cargo build --release --quiet
 removals() {
     case "$(basename "$1" .toml)" in
         lenet5_best) echo "data.augment_shift=0 optimizer.weight_decay=0 schedule.kind=constant" ;;
-        custom_mlp_best) echo "data.augment_shift=0 optimizer.weight_decay=0 train.label_smoothing=0 schedule.kind=constant" ;;
+        custom_mlp_best) echo "data.augment_shift=0 optimizer.weight_decay=0 train.label_smoothing=0 schedule.kind=constant optimizer.nesterov=false" ;;
         lenet5_reg_best | custom_mlp_reg_best) echo "model.batch_norm=false data.augment_shift=0 optimizer.weight_decay=0 train.label_smoothing=0" ;;
         *) echo "" ;;
     esac

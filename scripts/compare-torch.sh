@@ -12,13 +12,17 @@ steps="${2:-200}"
 python="${TORCH_PYTHON:-/tmp/torchenv/bin/python}"
 reference="${TORCH_REF:-scripts/torch_ref.py}"
 cargo build --release --quiet
+# Each side's log goes to a file, shown when it fails (a missing MNIST, say).
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+run() { "$@" 2>"$log" || { echo "failed: $*" >&2; cat "$log" >&2; exit 1; }; }
 figure() { grep "^$1=" | cut -d= -f2; }
 echo "| model | batch | mnist-lab train/s | PyTorch train/s | ratio | mnist-lab eval/s | PyTorch eval/s | ratio |"
 echo "|---|---|---|---|---|---|---|---|"
 for model in lenet5 lenet5_reg custom_mlp; do
   for batch in 64 256; do
-    ours=$(./target/release/mnist-lab bench --model "$model" --batch-size "$batch" --threads "$threads" --steps "$steps" 2>/dev/null)
-    theirs=$("$python" "$reference" --model "$model" --batch-size "$batch" --threads "$threads" --bench-steps "$steps" 2>/dev/null)
+    ours=$(run ./target/release/mnist-lab bench --model "$model" --batch-size "$batch" --threads "$threads" --steps "$steps")
+    theirs=$(run "$python" "$reference" --model "$model" --batch-size "$batch" --threads "$threads" --bench-steps "$steps")
     ot=$(figure train_images_per_s <<<"$ours"); oe=$(figure eval_images_per_s <<<"$ours")
     tt=$(figure train_images_per_s <<<"$theirs"); te=$(figure eval_images_per_s <<<"$theirs")
     awk -v m="$model" -v b="$batch" -v ot="$ot" -v tt="$tt" -v oe="$oe" -v te="$te" \

@@ -283,14 +283,18 @@ pub fn activation(
     let y = z
         .contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
-    let stats = match norm {
+    Ok((y, batch_stats(norm, &saved)))
+}
+
+/// The batch's per-channel statistics a forward pass kept, with BatchNorm.
+fn batch_stats(norm: Norm, saved: &Mutex<Saved>) -> Option<BatchStats> {
+    match norm {
         Norm::Batch { .. } => {
             let saved = saved.lock().expect("activation state lock");
             Some((saved.means.clone(), saved.vars.clone()))
         }
         Norm::Affine => None,
-    };
-    Ok((y, stats))
+    }
 }
 
 /// A convolution block in training, on the CPU: `conv2d(x, w) + b`, then
@@ -310,14 +314,7 @@ pub fn conv_block(
     let saved = Arc::new(Mutex::new(Saved::default()));
     let op = ConvBlock::new(w.shape().clone(), norm, pool, saved.clone());
     let y = x.contiguous()?.apply_op2(&params, op)?;
-    let stats = match norm {
-        Norm::Batch { .. } => {
-            let saved = saved.lock().expect("activation state lock");
-            Some((saved.means.clone(), saved.vars.clone()))
-        }
-        Norm::Affine => None,
-    };
-    Ok((y, stats))
+    Ok((y, batch_stats(norm, &saved)))
 }
 
 #[cfg(test)]
