@@ -221,6 +221,22 @@ pub trait Layer: Module {
 }
 
 impl Layer for Linear {
+    fn train_block(
+        &self,
+        x: &Tensor,
+        norm: Norm,
+        tail: (&Tensor, &Tensor),
+        pool: bool,
+    ) -> Option<Result<(Tensor, Option<BatchStats>)>> {
+        Some(kernels::fused_layer(
+            x,
+            (&self.weight, &self.bias),
+            norm,
+            tail,
+            pool,
+        ))
+    }
+
     fn eval_affine_tanh(
         &self,
         x: &Tensor,
@@ -245,7 +261,7 @@ impl Layer for Conv {
         tail: (&Tensor, &Tensor),
         pool: bool,
     ) -> Option<Result<(Tensor, Option<BatchStats>)>> {
-        Some(kernels::conv_block(
+        Some(kernels::fused_layer(
             x,
             (&self.weight, &self.bias),
             norm,

@@ -92,6 +92,63 @@ impl Linear {
     }
 }
 
+/// Sizes of a fully connected layer over a batch: x `(n, inputs)`, w `(outputs, inputs)`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dense {
+    pub n: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+impl Dense {
+    /// `x . w^T + b`: each row starts from the bias and the GEMM adds onto it.
+    pub fn forward(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut y: Vec<f32> = Vec::with_capacity(self.n * self.outputs);
+        for _ in 0..self.n {
+            y.extend_from_slice(b);
+        }
+        Linear { epilogue: None }.product(&mut y, x, w, (self.inputs, self.outputs));
+        y
+    }
+
+    /// `grad_x = grad_y . w`, written whole into `grad_x`.
+    pub fn input_gradient_into(&self, g: &[f32], w: &[f32], grad_x: &mut [f32]) {
+        let Dense { n, inputs, outputs } = *self;
+        matmul(
+            (n, inputs, outputs),
+            grad_x,
+            (inputs, 1),
+            g,
+            (outputs, 1),
+            w,
+            (inputs, 1),
+            false,
+            threads(),
+        );
+    }
+
+    /// `[grad_w = grad_y^T . x, grad_b = column sums of grad_y]` into `packed`.
+    pub fn param_gradients_into(&self, x: &[f32], g: &[f32], packed: &mut [f32]) {
+        let Dense { n, inputs, outputs } = *self;
+        let (grad_w, grad_b) = packed.split_at_mut(outputs * inputs);
+        matmul(
+            (outputs, inputs, n),
+            grad_w,
+            (inputs, 1),
+            g,
+            (1, outputs),
+            x,
+            (inputs, 1),
+            false,
+            threads(),
+        );
+        grad_b.fill(0.0);
+        for row in g.chunks_exact(outputs) {
+            grad_b.iter_mut().zip(row).for_each(|(sum, v)| *sum += v);
+        }
+    }
+}
+
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
         "mnist-lab-linear"
@@ -187,18 +244,7 @@ impl CustomOp2 for LinearGradInput {
             f32_data(ws, wl, self.name())?,
         );
         let mut grad_x = output_buffer(n * inputs);
-        let dims = (n, inputs, outputs);
-        matmul(
-            dims,
-            &mut grad_x,
-            (inputs, 1),
-            g,
-            (outputs, 1),
-            w,
-            (inputs, 1),
-            false,
-            threads(),
-        );
+        Dense { n, inputs, outputs }.input_gradient_into(g, w, &mut grad_x);
         Ok((CpuStorage::F32(grad_x), Shape::from((n, inputs))))
     }
 }
@@ -224,23 +270,8 @@ impl CustomOp2 for LinearGradParams {
             f32_data(xs, xl, self.name())?,
             f32_data(gs, gl, self.name())?,
         );
-        let mut packed = vec![0f32; outputs * inputs + outputs];
-        let (grad_w, grad_b) = packed.split_at_mut(outputs * inputs);
-        let dims = (outputs, inputs, n);
-        matmul(
-            dims,
-            grad_w,
-            (inputs, 1),
-            g,
-            (1, outputs),
-            x,
-            (inputs, 1),
-            false,
-            threads(),
-        );
-        for row in g.chunks_exact(outputs) {
-            grad_b.iter_mut().zip(row).for_each(|(sum, v)| *sum += v);
-        }
+        let mut packed = output_buffer(outputs * inputs + outputs);
+        Dense { n, inputs, outputs }.param_gradients_into(x, g, &mut packed);
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
     }

@@ -20,13 +20,13 @@ use gemm::Parallelism;
 mod activation;
 mod block;
 mod conv;
-mod conv_block;
+mod fused_layer;
 mod linear;
 mod loss;
 
 use block::{Activation, Saved};
 use conv::Conv2d;
-use conv_block::ConvBlock;
+use fused_layer::{FusedLayer, Product};
 use linear::Linear;
 use loss::CrossEntropy;
 
@@ -297,10 +297,11 @@ fn batch_stats(norm: Norm, saved: &Mutex<Saved>) -> Option<BatchStats> {
     }
 }
 
-/// A convolution block in training, on the CPU: `conv2d(x, w) + b`, then
-/// per-channel normalisation, tanh and 2x2 max-pooling when `pool`, as one op
-/// (see `conv_block`); `norm_w` and `norm_b` as for [`activation`].
-pub fn conv_block(
+/// A hidden layer in training, on the CPU, as one op (see `fused_layer`): its
+/// product, `conv2d(x, w) + b` for a 4-d `w` or `x . w^T + b` for a 2-d one,
+/// then per-channel normalisation, tanh and 2x2 max-pooling when `pool`;
+/// `norm_w` and `norm_b` as for [`activation`].
+pub fn fused_layer(
     x: &Tensor,
     (w, b): (&Tensor, &Tensor),
     norm: Norm,
@@ -308,11 +309,16 @@ pub fn conv_block(
     pool: bool,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     if !x.device().is_cpu() {
-        candle_core::bail!("the fused convolution block runs on the CPU only");
+        candle_core::bail!("the fused layer runs on the CPU only");
     }
+    let product = match w.rank() {
+        4 => Product::Conv(w.shape().clone()),
+        2 => Product::Dense(w.shape().clone()),
+        rank => candle_core::bail!("fused layer: a weight of rank {rank}, expected 2 or 4"),
+    };
     let params = Tensor::cat(&[&w.flatten_all()?, b, norm_w, norm_b], 0)?;
     let saved = Arc::new(Mutex::new(Saved::default()));
-    let op = ConvBlock::new(w.shape().clone(), norm, pool, saved.clone());
+    let op = FusedLayer::new(product, norm, pool, saved.clone());
     let y = x.contiguous()?.apply_op2(&params, op)?;
     Ok((y, batch_stats(norm, &saved)))
 }
