@@ -3,7 +3,7 @@
 # is, then with one technique taken out at a time, each over the same seeds,
 # into runs/ablation/ (RUNS_DIR). `just report` then shows each removal's effect
 # on test accuracy and on the train/validation gap, mean ± std over the seeds.
-# About 45 minutes on 2 cores (LeNet5 runs ~80 s, MLP runs ~15 s).
+# About 35 minutes on 2 cores (LeNet5 runs ~55-70 s, MLP runs ~15-25 s).
 #
 #   scripts/ablation.sh [CONFIG...]      (default: the four configs/*_best.toml)
 set -euo pipefail

@@ -195,44 +195,39 @@ fn an_exploding_learning_rate_stops_the_run_as_diverged() {
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("plain.toml");
     let plain = "[data]\ntrain_size = 4000\nvalidation_size = 1000\ntest_size = 1000\n\
-                 [train]\nepochs = 4\n";
+                 [train]\nepochs = 8\n";
     std::fs::write(&config, plain).unwrap();
     let runs = work.path().join("runs");
-    let run = |lr: &str, warmup: &str| {
-        let lr = format!("optimizer.lr={lr}");
-        let warmup = format!("schedule.warmup_epochs={warmup}");
+    let run = |sets: &[&str]| {
         let (config, runs) = (config.to_str().unwrap(), runs.to_str().unwrap());
-        let args = [
-            "run",
-            config,
-            "--runs-dir",
-            runs,
-            "--set",
-            &lr,
-            "--set",
-            &warmup,
-        ];
+        let mut args = vec!["run", config, "--runs-dir", runs];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
         run_binary(&args)
     };
-    // A rate warming up to 5 trains one epoch, then blows up.
-    let output = run("5", "4");
+    // A rate warming up to 2 over the whole run: harmless for an epoch or more,
+    // fatal well before the end (which epoch depends on the kernels' numerics).
+    let output = run(&["optimizer.lr=2", "schedule.warmup_epochs=8"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("diverged") && stderr.contains("optimizer.lr (now 5)"),
+        stderr.contains("diverged") && stderr.contains("optimizer.lr (now 2)"),
         "{stderr}"
     );
-    assert!(stderr.contains("at epoch 2"), "{stderr}");
     let diverged = only_run(&runs);
     let s = summary(&diverged);
-    assert_eq!((s.status, s.epochs_completed), (Status::Diverged, 1));
+    assert_eq!(s.status, Status::Diverged);
+    assert!((1..8).contains(&s.epochs_completed), "{s:?}");
+    let failing_epoch = format!("at epoch {}", s.epochs_completed + 1);
+    assert!(stderr.contains(&failing_epoch), "{stderr}");
     assert!(
         diverged.join(rundir::LAST_CHECKPOINT).is_file(),
         "the last good epoch is kept"
     );
     // Diverging in the first epoch leaves nothing behind.
     std::fs::remove_dir_all(&diverged).unwrap();
-    let output = run("1e9", "0");
+    let output = run(&["optimizer.lr=1e9"]);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 0);
 }
