@@ -499,6 +499,8 @@ mod tests {
         check_conv(&[2, 6, 14, 14], &[16, 6, 5, 5]);
         check_conv(&[5, 16, 5, 5], &[120, 16, 5, 5]);
         check_conv(&[1, 2, 7, 9], &[3, 2, 3, 4]);
+        // Many images per thread: the weight gradient's per-thread partial sums.
+        check_conv(&[37, 6, 14, 14], &[16, 6, 5, 5]);
     }
 
     #[test]
