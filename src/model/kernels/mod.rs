@@ -1,12 +1,13 @@
 //! Fast CPU kernels as Candle custom ops, each with its own backward pass:
 //! convolution (im2col into a blocked GEMM from the `gemm` crate, threaded over
 //! images), fully connected layers with the bias inside the GEMM, a hidden
-//! layer's whole tail (BatchNorm or affine, tanh, 2x2 max-pool) as one op, and
-//! softmax cross-entropy. Fewer, fused nodes also spare Candle's autograd a
+//! layer's whole tail (BatchNorm or affine, tanh, 2x2 max-pool) as one op, in
+//! training a whole hidden layer (product and tail) as one op, and softmax
+//! cross-entropy. Fewer, fused nodes also spare Candle's autograd a
 //! zero-filled gradient buffer and an addition per node.
 //!
 //! [`conv2d`], [`linear`] and [`cross_entropy`] fall back to Candle's ops off
-//! the CPU (CUDA); [`activation`] is CPU-only and models choose
+//! the CPU (CUDA); [`activation`] and [`fused_layer`] are CPU-only and models choose
 //! [`max_pool2x2`] and Candle's BatchNorm and tanh elsewhere. Where [`enabled`]
 //! says no (other devices, or `MNIST_LAB_CANDLE_OPS=1` on the CPU) the models
 //! take that Candle path.
