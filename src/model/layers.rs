@@ -64,13 +64,13 @@ impl<L: Layer> ModuleT for Block<L> {
         {
             return y;
         }
-        let fused = match train {
-            true => self.layer.train_block(x, norm, (&weight, &bias), self.pool),
-            false => None,
-        };
-        let (y, stats) = match fused {
-            Some(result) => result?,
-            None => kernels::activation(&x.apply(&self.layer)?, norm, &weight, &bias, self.pool)?,
+        // In training the layer and its tail are one op (no graph node for the
+        // layer's output); in evaluation there is no graph to spare.
+        let (y, stats) = if train {
+            let tail = (&weight, &bias);
+            kernels::fused_layer(x, self.layer.params(), norm, tail, self.pool)?
+        } else {
+            kernels::activation(&x.apply(&self.layer)?, norm, &weight, &bias, self.pool)?
         };
         if let (Some(batch_norm), Some(stats)) = (&self.norm, stats) {
             // Values per channel the statistics came from: before pooling, four per output.
@@ -198,17 +198,8 @@ impl Module for Linear {
 /// A block's layer. Layers with a fused evaluation kernel for "layer, affine map,
 /// tanh" say so by returning it.
 pub trait Layer: Module {
-    /// The layer and its block's tail (see [`kernels::activation`]) as one op in
-    /// training, where the layer has one.
-    fn train_block(
-        &self,
-        _x: &Tensor,
-        _norm: Norm,
-        _tail: (&Tensor, &Tensor),
-        _pool: bool,
-    ) -> Option<Result<(Tensor, Option<BatchStats>)>> {
-        None
-    }
+    /// The weight and bias, which the block's fused training op takes.
+    fn params(&self) -> (&Tensor, &Tensor);
 
     fn eval_affine_tanh(
         &self,
@@ -221,20 +212,8 @@ pub trait Layer: Module {
 }
 
 impl Layer for Linear {
-    fn train_block(
-        &self,
-        x: &Tensor,
-        norm: Norm,
-        tail: (&Tensor, &Tensor),
-        pool: bool,
-    ) -> Option<Result<(Tensor, Option<BatchStats>)>> {
-        Some(kernels::fused_layer(
-            x,
-            (&self.weight, &self.bias),
-            norm,
-            tail,
-            pool,
-        ))
+    fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
     }
 
     fn eval_affine_tanh(
@@ -254,20 +233,8 @@ impl Layer for Linear {
 }
 
 impl Layer for Conv {
-    fn train_block(
-        &self,
-        x: &Tensor,
-        norm: Norm,
-        tail: (&Tensor, &Tensor),
-        pool: bool,
-    ) -> Option<Result<(Tensor, Option<BatchStats>)>> {
-        Some(kernels::fused_layer(
-            x,
-            (&self.weight, &self.bias),
-            norm,
-            tail,
-            pool,
-        ))
+    fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
     }
 }
 

@@ -312,6 +312,14 @@ fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// [`values`], of the tensor an in-place op writes.
+fn values_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("sgd: expected contiguous f32 tensors"),
+    }
+}
+
 impl InplaceOp3 for SgdUpdate {
     fn name(&self) -> &'static str {
         "mnist-lab-sgd-update"
@@ -327,10 +335,7 @@ impl InplaceOp3 for SgdUpdate {
         bl: &Layout,
     ) -> Result<()> {
         let (grad, buffer) = (values(gs, gl)?, values(bs, bl)?);
-        let (CpuStorage::F32(data), Some((start, end))) = (ps, pl.contiguous_offsets()) else {
-            candle_core::bail!("sgd: expected a contiguous f32 parameter");
-        };
-        let param = &mut data[start..end];
+        let param = values_mut(ps, pl)?;
         let momentum = self.momentum > 0.0;
         for ((p, &g), &b) in param.iter_mut().zip(grad).zip(buffer) {
             let g = self.decayed(g, *p);
@@ -367,10 +372,7 @@ impl InplaceOp3 for MomentumUpdate {
         pl: &Layout,
     ) -> Result<()> {
         let (grad, param) = (values(gs, gl)?, values(ps, pl)?);
-        let (CpuStorage::F32(data), Some((start, end))) = (bs, bl.contiguous_offsets()) else {
-            candle_core::bail!("sgd: expected a contiguous f32 momentum buffer");
-        };
-        for ((b, &g), &p) in data[start..end].iter_mut().zip(grad).zip(param) {
+        for ((b, &g), &p) in values_mut(bs, bl)?.iter_mut().zip(grad).zip(param) {
             let g = self.update.decayed(g, p);
             *b = if self.first {
                 g
