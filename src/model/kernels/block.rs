@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activation::fast_tanh;
+use super::pool;
 use super::{f32_data, output_buffer, task_len};
 
 /// How `z` is normalised per channel before tanh.
@@ -380,26 +381,11 @@ fn affine_tanh_pool(
                 .zip(z.chunks(h * w));
             for (i, ((out, winners), plane)) in planes.enumerate() {
                 let [scale, shift, ..] = affine[(task * per_task + i) % c];
-                let y = |v: f32| v * scale + shift;
-                for oy in 0..oh {
+                let rows = out.chunks_exact_mut(ow).zip(winners.chunks_exact_mut(ow));
+                for (oy, (out, winners)) in rows.enumerate() {
                     let (top, bottom) =
                         (&plane[2 * oy * w..][..w], &plane[(2 * oy + 1) * w..][..w]);
-                    for ox in 0..ow {
-                        let (t0, t1) = (y(top[2 * ox]), y(top[2 * ox + 1]));
-                        let (b0, b1) = (y(bottom[2 * ox]), y(bottom[2 * ox + 1]));
-                        // The first of the four holding the maximum, as a scan
-                        // with `>` finds it, as selects rather than branches
-                        // (which random data mispredicts).
-                        let (upper, k_upper) = if t1 > t0 { (t1, 1) } else { (t0, 0) };
-                        let (lower, k_lower) = if b1 > b0 { (b1, 3) } else { (b0, 2) };
-                        let (best, k) = if lower > upper {
-                            (lower, k_lower)
-                        } else {
-                            (upper, k_upper)
-                        };
-                        out[oy * ow + ox] = best;
-                        winners[oy * ow + ox] = k;
-                    }
+                    pool::pool_row_pair((top, bottom), (scale, shift), out, winners);
                 }
                 // tanh over the whole plane at once: a loop the compiler vectorises.
                 out.iter_mut().for_each(|v| *v = fast_tanh(*v));

@@ -5,18 +5,19 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::block::lane_sum;
+use super::one_channel;
 use super::{f32_data, matmul, output_buffer, task_len, threads};
 
 /// Sizes of a valid (unpadded), stride-1 convolution.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ConvShape {
     pub(super) batch: usize,
-    c_in: usize,
-    height: usize,
-    width: usize,
+    pub(super) c_in: usize,
+    pub(super) height: usize,
+    pub(super) width: usize,
     pub(super) c_out: usize,
-    kh: usize,
-    kw: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
 }
 
 impl ConvShape {
@@ -129,6 +130,11 @@ impl ConvShape {
                 false,
                 threads(),
             );
+        } else if one_channel::applies(s) {
+            out.par_chunks_mut(s.output_len())
+                .zip(x.par_chunks(s.input_len()))
+                .for_each(|(out, image)| one_channel::forward(s, image, w, b, out));
+            return out;
         } else {
             out.par_chunks_mut(s.output_len())
                 .zip(x.par_chunks(s.input_len()))
@@ -184,6 +190,26 @@ impl ConvShape {
         } else {
             // Each thread sums its images' contributions; the partial sums are then added.
             let per_thread = s.batch.div_ceil(rayon::current_num_threads()).max(1);
+            if one_channel::applies(s) {
+                return x
+                    .par_chunks(s.input_len() * per_thread)
+                    .zip(g.par_chunks(s.output_len() * per_thread))
+                    .map(|(images, grads)| {
+                        let mut sum = one_channel::WeightGradient::new(s);
+                        for (image, grad_out) in images
+                            .chunks(s.input_len())
+                            .zip(grads.chunks(s.output_len()))
+                        {
+                            sum.add(s, image, grad_out);
+                        }
+                        sum.finish()
+                    })
+                    .reduce_with(|mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                        a
+                    })
+                    .unwrap_or_else(|| vec![0f32; s.c_out * taps]);
+            }
             x.par_chunks(s.input_len() * per_thread)
                 .zip(g.par_chunks(s.output_len() * per_thread))
                 .map(|(images, grads)| {
@@ -501,6 +527,18 @@ mod tests {
         check_conv(&[1, 2, 7, 9], &[3, 2, 3, 4]);
         // Many images per thread: the weight gradient's per-thread partial sums.
         check_conv(&[37, 6, 14, 14], &[16, 6, 5, 5]);
+    }
+
+    /// One-channel images take their own kernels where the CPU has AVX-512:
+    /// rows of one or two partly filled vectors, channel groups of six and the
+    /// rest, kernel rows wider than eight taps.
+    #[test]
+    fn one_channel_conv2d_matches_candle() {
+        check_conv(&[2, 1, 20, 20], &[7, 1, 3, 3]);
+        check_conv(&[3, 1, 12, 9], &[2, 1, 3, 3]);
+        check_conv(&[2, 1, 16, 34], &[13, 1, 4, 3]);
+        check_conv(&[2, 1, 11, 20], &[3, 1, 2, 10]);
+        check_conv(&[9, 1, 32, 32], &[6, 1, 5, 5]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Fast CPU kernels as Candle custom ops, each with its own backward pass:
 //! convolution (im2col into a blocked GEMM from the `gemm` crate, threaded over
-//! images), fully connected layers with the bias inside the GEMM, a hidden
+//! images; one-channel images straight from the image with AVX-512), fully
+//! connected layers with the bias inside the GEMM, a hidden
 //! layer's whole tail (BatchNorm or affine, tanh, 2x2 max-pool) as one op, in
 //! training a whole hidden layer (product and tail) as one op, and softmax
 //! cross-entropy. Fewer, fused nodes also spare Candle's autograd a
@@ -24,6 +25,8 @@ mod conv;
 mod fused_layer;
 mod linear;
 mod loss;
+mod one_channel;
+mod pool;
 
 use block::{Activation, Saved};
 use conv::Conv2d;
