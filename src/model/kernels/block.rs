@@ -425,18 +425,21 @@ impl ActivationGrad {
         let (oh, ow) = (h / 2, w / 2);
         // Only each window's winner gets a gradient, and its tanh value is the
         // pooled output.
-        let mut grad = vec![0f32; z_shape.elem_count()];
+        let mut grad = output_buffer(z_shape.elem_count());
         grad.par_chunks_mut(h * w)
             .zip(out.par_chunks(oh * ow))
             .zip(saved.winners.par_chunks(oh * ow).zip(g.par_chunks(oh * ow)))
             .with_min_len(task_len(h * w) / (h * w))
             .for_each(|((grad, a), (winners, g))| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let (i, k) = (oy * ow + ox, winners[oy * ow + ox] as usize);
-                        let at = (2 * oy + k / 2) * w + 2 * ox + k % 2;
-                        grad[at] = g[i] * (1.0 - a[i] * a[i]);
-                    }
+                for (oy, rows) in grad.chunks_exact_mut(2 * w).enumerate() {
+                    let (top, bottom) = rows.split_at_mut(w);
+                    let window_row = oy * ow..(oy + 1) * ow;
+                    let row = (
+                        &g[window_row.clone()],
+                        &a[window_row.clone()],
+                        &winners[window_row],
+                    );
+                    pool::unpool_row_pair(row, top, bottom);
                 }
             });
         Ok(grad)

@@ -5,6 +5,8 @@
 //! vectorising the plain loop; with AVX-512, rows up to 32 values wide are
 //! split into even and odd positions by two permutes and a whole row of
 //! windows is decided at once, with the same arithmetic and the same answers.
+//! The backward goes the other way: each window's gradient is placed at its
+//! winner and both rows are written whole, so they need no zero-fill first.
 
 /// Pools the row pair (`top`, `bottom`, each `2 * out.len()` values) into
 /// `out` and `winners`.
@@ -23,6 +25,31 @@ pub(super) fn pool_row_pair(
         return;
     }
     scalar((top, bottom), (scale, shift), out, winners);
+}
+
+/// The backward of [`pool_row_pair`] through tanh: each window's winner gets
+/// `g * (1 - a^2)` (`a` the pooled output, its tanh), the other three zero;
+/// `top` and `bottom` (`2 * g.len()` values each) are written whole.
+pub(super) fn unpool_row_pair(
+    (g, a, winners): (&[f32], &[f32], &[u8]),
+    top: &mut [f32],
+    bottom: &mut [f32],
+) {
+    let ow = g.len();
+    assert!(a.len() == ow && winners.len() == ow);
+    assert!(top.len() == 2 * ow && bottom.len() == 2 * ow);
+    #[cfg(target_arch = "x86_64")]
+    if 2 * ow <= avx512::MAX_WIDTH && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 is present and the lengths were checked above.
+        unsafe { avx512::unpool_row_pair((g, a, winners), top, bottom) };
+        return;
+    }
+    top.fill(0.0);
+    bottom.fill(0.0);
+    for (ox, ((&g, &a), &k)) in g.iter().zip(a).zip(winners).enumerate() {
+        let row = if k < 2 { &mut *top } else { &mut *bottom };
+        row[2 * ox + usize::from(k % 2)] = g * (1.0 - a * a);
+    }
 }
 
 fn scalar(
@@ -114,6 +141,53 @@ mod avx512 {
             _mm512_mask_cvtepi32_storeu_epi8(winners.as_mut_ptr().cast(), outputs, winner);
         }
     }
+
+    /// Safety: AVX-512 present; `g`, `a`, `winners` hold `ow` values and
+    /// `top`, `bottom` `2 * ow <= MAX_WIDTH`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn unpool_row_pair(
+        (g, a, winners): (&[f32], &[f32], &[u8]),
+        top: &mut [f32],
+        bottom: &mut [f32],
+    ) {
+        let ow = g.len();
+        let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
+        let outputs = lanes(ow);
+        let mut bytes = [0u8; 16];
+        bytes[..ow].copy_from_slice(winners);
+        // SAFETY: the masks read exactly ow values of each; `bytes` holds 16.
+        let (g, a, k) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(outputs, g.as_ptr()),
+                _mm512_maskz_loadu_ps(outputs, a.as_ptr()),
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().cast())),
+            )
+        };
+        // Multiply, subtract, multiply, as the scalar path rounds.
+        let d = _mm512_mul_ps(g, _mm512_sub_ps(_mm512_set1_ps(1.0), _mm512_mul_ps(a, a)));
+        let at = |position: i32| {
+            _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32(position)), d)
+        };
+        // Even and odd positions interleaved back into the row's two vectors.
+        let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let w = 2 * ow;
+        for (row, (even, odd)) in [(top, (at(0), at(1))), (bottom, (at(2), at(3)))] {
+            // SAFETY: the masks write exactly the row's w values.
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    row.as_mut_ptr(),
+                    lanes(w),
+                    _mm512_permutex2var_ps(even, low, odd),
+                );
+                _mm512_mask_storeu_ps(
+                    row.as_mut_ptr().wrapping_add(16),
+                    lanes(w.saturating_sub(16)),
+                    _mm512_permutex2var_ps(even, high, odd),
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +223,40 @@ mod tests {
                 assert_eq!(winners, expected_winners, "width {}", 2 * ow);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&out), bits(&expected), "width {}", 2 * ow);
+            }
+        }
+    }
+
+    /// The backward writes each window's gradient at its winner and zero
+    /// elsewhere, vectorised or not, with the same bits.
+    #[test]
+    fn unpooling_puts_the_gradient_at_the_winner() {
+        for ow in 1..=16 {
+            let g: Vec<f32> = (0..ow).map(|i| i as f32 * 0.37 - 1.0).collect();
+            let a: Vec<f32> = (0..ow).map(|i| (i as f32 * 0.21).sin()).collect();
+            let winners: Vec<u8> = (0..ow).map(|i| (i * 7 % 4) as u8).collect();
+            let (mut top, mut bottom) = (vec![f32::NAN; 2 * ow], vec![f32::NAN; 2 * ow]);
+            unpool_row_pair((&g, &a, &winners), &mut top, &mut bottom);
+            for ox in 0..ow {
+                let window = [
+                    top[2 * ox],
+                    top[2 * ox + 1],
+                    bottom[2 * ox],
+                    bottom[2 * ox + 1],
+                ];
+                for (k, v) in window.into_iter().enumerate() {
+                    let expected = if k == winners[ox] as usize {
+                        g[ox] * (1.0 - a[ox] * a[ox])
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(
+                        v.to_bits(),
+                        expected.to_bits(),
+                        "width {} window {ox} position {k}",
+                        2 * ow
+                    );
+                }
             }
         }
     }
