@@ -5,8 +5,8 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::block::lane_sum;
-use super::one_channel;
 use super::{f32_data, matmul, output_buffer, task_len, threads};
+use super::{narrow_rows, one_channel};
 
 /// Sizes of a valid (unpadded), stride-1 convolution.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +67,14 @@ impl ConvShape {
     /// Unfolds one image into `cols` (taps x positions): row (c, ky, kx) holds the
     /// input pixel each output position sees through that tap.
     fn im2col(&self, image: &[f32], cols: &mut [f32]) {
+        if narrow_rows::applies(self) {
+            return narrow_rows::im2col(self, image, cols);
+        }
+        self.im2col_rows(image, cols);
+    }
+
+    /// [`Self::im2col`] row by row, on any CPU.
+    fn im2col_rows(&self, image: &[f32], cols: &mut [f32]) {
         let (oh, ow, p) = (self.out_h(), self.out_w(), self.positions());
         for c in 0..self.c_in {
             let plane = &image[c * self.height * self.width..][..self.height * self.width];
@@ -84,6 +92,14 @@ impl ConvShape {
 
     /// The adjoint of [`Self::im2col`]: adds each column entry back onto its pixel.
     fn col2im(&self, cols: &[f32], image: &mut [f32]) {
+        if narrow_rows::applies(self) {
+            return narrow_rows::col2im(self, cols, image);
+        }
+        self.col2im_rows(cols, image);
+    }
+
+    /// [`Self::col2im`] row by row, on any CPU.
+    fn col2im_rows(&self, cols: &[f32], image: &mut [f32]) {
         let (oh, ow, p) = (self.out_h(), self.out_w(), self.positions());
         image.fill(0.0);
         for c in 0..self.c_in {
@@ -539,6 +555,36 @@ mod tests {
         check_conv(&[2, 1, 16, 34], &[13, 1, 4, 3]);
         check_conv(&[2, 1, 11, 20], &[3, 1, 2, 10]);
         check_conv(&[9, 1, 32, 32], &[6, 1, 5, 5]);
+    }
+
+    /// Narrow images take vector im2col and col2im where the CPU has AVX-512:
+    /// the same values as the row-by-row loops, bit for bit.
+    #[test]
+    fn narrow_rows_equal_the_row_by_row_loops() {
+        use super::ConvShape;
+        use candle_core::Shape;
+        for (x, w) in [
+            ([1, 6, 14, 14], [16, 6, 5, 5]),
+            ([1, 2, 7, 9], [3, 2, 3, 4]),
+            ([1, 1, 16, 16], [2, 1, 1, 16]),
+        ] {
+            let s = ConvShape::new(&Shape::from(&x[..]), &Shape::from(&w[..])).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let image: Vec<f32> = (0..s.input_len())
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect();
+            let cols_len = s.taps() * s.out_h() * s.out_w();
+            let (mut fast, mut rows) = (vec![f32::NAN; cols_len], vec![f32::NAN; cols_len]);
+            s.im2col(&image, &mut fast);
+            s.im2col_rows(&image, &mut rows);
+            assert_eq!(bits(&fast), bits(&rows), "im2col {x:?} {w:?}");
+            let cols: Vec<f32> = (0..cols_len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let (mut fast, mut rows) =
+                (vec![f32::NAN; s.input_len()], vec![f32::NAN; s.input_len()]);
+            s.col2im(&cols, &mut fast);
+            s.col2im_rows(&cols, &mut rows);
+            assert_eq!(bits(&fast), bits(&rows), "col2im {x:?} {w:?}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ mod conv;
 mod fused_layer;
 mod linear;
 mod loss;
+mod narrow_rows;
 mod one_channel;
 mod pool;
 
