@@ -84,15 +84,14 @@ mod avx512 {
         let (out_h, out_w) = (s.out_h(), s.out_w());
         let positions = out_h * out_w;
         let (row_mask, out_mask) = (lanes(s.width), lanes(out_w));
-        image[..s.input_len()].fill(0.0);
         for c in 0..s.c_in {
-            for ky in 0..s.kh {
-                for y in 0..out_h {
-                    let at = (c * s.height + y + ky) * s.width;
-                    let row_ptr = image[at..][..s.width].as_mut_ptr();
-                    // SAFETY: the mask reads the row's `width` values.
-                    let mut row = unsafe { _mm512_maskz_loadu_ps(row_mask, row_ptr) };
-                    // Taps in the order the plain loop adds them: kx within ky.
+            for y_in in 0..s.height {
+                // Each input row gathers all its taps' values in a register and
+                // is written once, whole: no zero-fill, no row read back. Taps
+                // in the order the plain loop adds them: ky, then kx.
+                let mut row = _mm512_setzero_ps();
+                for ky in y_in.saturating_sub(out_h - 1)..=y_in.min(s.kh - 1) {
+                    let y = y_in - ky;
                     for kx in 0..s.kw {
                         let tap = (c * s.kh + ky) * s.kw + kx;
                         let src = cols[tap * positions + y * out_w..][..out_w].as_ptr();
@@ -100,12 +99,14 @@ mod avx512 {
                         let values = unsafe { _mm512_maskz_loadu_ps(out_mask, src) };
                         let shifted = _mm512_permutexvar_ps(shifted_indices(-(kx as i32)), values);
                         // Only the pixels this tap reaches: kx..kx + out_w.
-                        let reached = out_mask << kx;
-                        row = _mm512_mask_add_ps(row, reached, row, shifted);
+                        row = _mm512_mask_add_ps(row, out_mask << kx, row, shifted);
                     }
-                    // SAFETY: as for the load.
-                    unsafe { _mm512_mask_storeu_ps(row_ptr, row_mask, row) };
                 }
+                let at = (c * s.height + y_in) * s.width;
+                // SAFETY: the mask writes the row's `width` values.
+                unsafe {
+                    _mm512_mask_storeu_ps(image[at..][..s.width].as_mut_ptr(), row_mask, row)
+                };
             }
         }
     }

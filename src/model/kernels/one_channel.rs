@@ -160,39 +160,72 @@ mod avx512 {
         grad_out: &[f32],
         lanes: &mut [f32],
     ) {
-        // One kernel row's taps at a time, each with an accumulator per half
-        // row (independent chains keep the FMA units busy): up to 16
-        // accumulators and 2 gradient vectors in registers.
-        const MAX_KW: usize = 8;
+        // Two output channels at a time share each shifted input row they
+        // read; per kernel row up to five taps, each with an accumulator per
+        // half row (independent chains keep the FMA units busy): 20
+        // accumulators, 4 gradient and 2 input vectors in registers.
+        let mut first = 0;
+        while first < s.c_out {
+            let group = (s.c_out - first).min(2);
+            for ky in 0..s.kh {
+                for kx0 in (0..s.kw).step_by(TAPS_AT_ONCE) {
+                    let rows = (first, ky, kx0);
+                    // SAFETY: passed on from the caller.
+                    unsafe {
+                        match group {
+                            2 => add_rows::<2>(s, rows, image, grad_out, lanes),
+                            _ => add_rows::<1>(s, rows, image, grad_out, lanes),
+                        }
+                    }
+                }
+            }
+            first += group;
+        }
+    }
+
+    /// Taps of one kernel row handled together by [`add_rows`].
+    const TAPS_AT_ONCE: usize = 5;
+
+    /// Output channels `first..first + G`, kernel row `ky`, taps `kx0..` (at
+    /// most [`TAPS_AT_ONCE`]) of [`add_weight_gradient`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_rows<const G: usize>(
+        s: &ConvShape,
+        (first, ky, kx0): (usize, usize, usize),
+        image: &[f32],
+        grad_out: &[f32],
+        lanes: &mut [f32],
+    ) {
         let (out_h, out_w, taps) = (s.out_h(), s.out_w(), s.taps());
         let plane = out_h * out_w;
         let masks = row_masks(out_w);
-        for o in 0..s.c_out {
-            for ky in 0..s.kh {
-                for kx0 in (0..s.kw).step_by(MAX_KW) {
-                    let kxs = (s.kw - kx0).min(MAX_KW);
-                    let mut acc = [[_mm512_setzero_ps(); 2]; MAX_KW];
-                    for y in 0..out_h {
-                        // SAFETY: row y of channel o's plane holds out_w values.
-                        let g =
-                            unsafe { load_row(grad_out[o * plane + y * out_w..].as_ptr(), masks) };
-                        let row = image[(y + ky) * s.width + kx0..].as_ptr();
-                        for (kx, acc) in acc.iter_mut().enumerate().take(kxs) {
-                            // SAFETY: kx0 + kx + out_w <= width within row y + ky.
-                            let v = unsafe { load_row(row.add(kx), masks) };
-                            acc[0] = _mm512_fmadd_ps(g[0], v[0], acc[0]);
-                            acc[1] = _mm512_fmadd_ps(g[1], v[1], acc[1]);
-                        }
-                    }
-                    for (kx, acc) in acc.iter().enumerate().take(kxs) {
-                        let at = (o * taps + ky * s.kw + kx0 + kx) * LANES;
-                        let sum = lanes[at..][..LANES].as_mut_ptr();
-                        // SAFETY: `lanes` holds (c_out, taps, 16) values.
-                        unsafe {
-                            let both = _mm512_add_ps(acc[0], acc[1]);
-                            _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), both));
-                        }
-                    }
+        let kxs = (s.kw - kx0).min(TAPS_AT_ONCE);
+        let mut acc = [[[_mm512_setzero_ps(); 2]; G]; TAPS_AT_ONCE];
+        for y in 0..out_h {
+            let mut g = [[_mm512_setzero_ps(); 2]; G];
+            for (i, g) in g.iter_mut().enumerate() {
+                let at = (first + i) * plane + y * out_w;
+                // SAFETY: row y of the channel's plane holds out_w values.
+                *g = unsafe { load_row(grad_out[at..][..out_w].as_ptr(), masks) };
+            }
+            let row = image[(y + ky) * s.width + kx0..].as_ptr();
+            for (kx, acc) in acc.iter_mut().enumerate().take(kxs) {
+                // SAFETY: kx0 + kx + out_w <= width within row y + ky.
+                let v = unsafe { load_row(row.add(kx), masks) };
+                for (acc, g) in acc.iter_mut().zip(&g) {
+                    acc[0] = _mm512_fmadd_ps(g[0], v[0], acc[0]);
+                    acc[1] = _mm512_fmadd_ps(g[1], v[1], acc[1]);
+                }
+            }
+        }
+        for (kx, acc) in acc.iter().enumerate().take(kxs) {
+            for (i, acc) in acc.iter().enumerate() {
+                let at = ((first + i) * taps + ky * s.kw + kx0 + kx) * LANES;
+                let sum = lanes[at..][..LANES].as_mut_ptr();
+                // SAFETY: `lanes` holds (c_out, taps, 16) values.
+                unsafe {
+                    let both = _mm512_add_ps(acc[0], acc[1]);
+                    _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), both));
                 }
             }
         }
