@@ -262,9 +262,7 @@ impl Trainer {
         labels: &Tensor,
     ) -> Result<(Tensor, Tensor, GradStore)> {
         let n = images.dim(0)?;
-        let model = &self.setup.model;
-        let independent = !model.batch_norm && model.dropout == 0.0;
-        if !(independent && n >= MIN_SPLIT_BATCH && kernels::enabled(images.device())) {
+        if !self.splits_batch(n, images.device()) {
             return self.weighted_pass(images, labels, None);
         }
         let half = n / 2;
@@ -293,6 +291,14 @@ impl Trainer {
             (loss + loss_2)?,
             grads,
         ))
+    }
+
+    /// Whether a batch of `n` examples on `device` trains as two halves (see
+    /// [`Trainer::forward_backward`]).
+    fn splits_batch(&self, n: usize, device: &Device) -> bool {
+        let model = &self.setup.model;
+        let independent = !model.batch_norm && model.dropout == 0.0;
+        independent && n >= MIN_SPLIT_BATCH && kernels::enabled(device)
     }
 
     /// Forward and backward over `images`, the loss scaled by `share` (this
@@ -400,6 +406,7 @@ fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
 
     #[test]
     fn label_smoothing_matches_pytorch() {
@@ -423,60 +430,47 @@ mod tests {
         let text = format!(
             "[model]\nkind = \"{model}\"\nbatch_norm = {batch_norm}\n[train]\nlabel_smoothing = 0.1\n"
         );
-        let config =
-            crate::config::Config::from_toml(&text, std::path::Path::new("t.toml"), Some("t"), &[])
-                .unwrap();
+        let origin = std::path::Path::new("t.toml");
+        let config = crate::config::Config::from_toml(&text, origin, Some("t"), &[]).unwrap();
         Trainer::new(&config.train_setup(), 32, &Device::Cpu).unwrap()
+    }
+
+    /// (logits, loss, gradients) of a batch through `forward_backward` and
+    /// through one whole pass.
+    fn split_and_whole(trainer: &Trainer, n: usize) -> [(Tensor, Tensor, GradStore); 2] {
+        let images = random(&[n, 1, 32, 32], 1);
+        let labels: Vec<u32> = (0..n as u32).map(|i| i * 7 % 10).collect();
+        let labels = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
+        kernels::install(&Device::Cpu, || {
+            [
+                trainer.forward_backward(&images, &labels).unwrap(),
+                trainer.weighted_pass(&images, &labels, None).unwrap(),
+            ]
+        })
     }
 
     /// A batch trained as two halves side by side gives the whole batch's
     /// loss, logits and gradients (up to the order of the sums).
     #[test]
     fn split_batches_give_the_whole_batch_gradient() {
+        on_the_kernel_path();
         for model in ["lenet5", "custom_mlp"] {
             let trainer = trainer(model, false);
-            let images = Tensor::randn(0f32, 1.0, (37, 1, 32, 32), &Device::Cpu).unwrap();
-            let labels =
-                Tensor::from_vec((0..37u32).map(|i| i * 7 % 10).collect(), 37, &Device::Cpu)
-                    .unwrap();
-            let (split, whole) = kernels::install(&Device::Cpu, || {
-                (
-                    trainer.forward_backward(&images, &labels).unwrap(),
-                    trainer.weighted_pass(&images, &labels, None).unwrap(),
-                )
-            });
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            assert!(diff(&split.0, &whole.0) < 1e-5, "{model} logits");
-            assert!(diff(&split.1, &whole.1) < 1e-5, "{model} loss");
+            assert!(trainer.splits_batch(37, &Device::Cpu), "{model} splits");
+            let [split, whole] = split_and_whole(&trainer, 37);
+            assert!(max_diff(&split.0, &whole.0) < 1e-5, "{model} logits");
+            assert!(max_diff(&split.1, &whole.1) < 1e-5, "{model} loss");
             let vars = trainer.varmap.all_vars();
             assert!(vars.len() >= 10);
             for var in vars {
-                let (a, b) = (
-                    split.2.get(var.as_tensor()).unwrap(),
-                    whole.2.get(var.as_tensor()).unwrap(),
-                );
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .max(1e-3);
+                let var = var.as_tensor();
+                let (a, b) = (split.2.get(var).unwrap(), whole.2.get(var).unwrap());
+                let scale = max_diff(b, &b.zeros_like().unwrap()).max(1e-3);
+                let diff = max_diff(a, b);
                 assert!(
-                    diff(a, b) / scale < 1e-4,
-                    "{model} gradient {:?}: {}",
-                    var.shape(),
-                    diff(a, b)
+                    diff / scale < 1e-4,
+                    "{model} gradient {:?}: {diff}",
+                    var.shape()
                 );
             }
         }
@@ -485,21 +479,10 @@ mod tests {
     /// BatchNorm's statistics are the whole batch's: such batches stay whole.
     #[test]
     fn batch_norm_batches_stay_whole() {
+        on_the_kernel_path();
         let trainer = trainer("custom_mlp", true);
-        let images = Tensor::randn(0f32, 1.0, (64, 1, 32, 32), &Device::Cpu).unwrap();
-        let labels = Tensor::zeros(64, DType::U32, &Device::Cpu).unwrap();
-        let (split, whole) = kernels::install(&Device::Cpu, || {
-            (
-                trainer.forward_backward(&images, &labels).unwrap(),
-                trainer.weighted_pass(&images, &labels, None).unwrap(),
-            )
-        });
-        let same = (&split.1 - &whole.1)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(same, 0.0);
+        assert!(!trainer.splits_batch(64, &Device::Cpu));
+        let [split, whole] = split_and_whole(&trainer, 64);
+        assert_eq!(max_diff(&split.1, &whole.1), 0.0);
     }
 }
