@@ -407,6 +407,7 @@ fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
+    use crate::model::{ModelConfig, ModelKind};
 
     #[test]
     fn label_smoothing_matches_pytorch() {
@@ -426,13 +427,23 @@ mod tests {
         assert!((loss(0.0) - 2.742_510_7).abs() < 1e-5, "{}", loss(0.0));
     }
 
-    fn trainer(model: &str, batch_norm: bool) -> Trainer {
-        let text = format!(
-            "[model]\nkind = \"{model}\"\nbatch_norm = {batch_norm}\n[train]\nlabel_smoothing = 0.1\n"
-        );
-        let origin = std::path::Path::new("t.toml");
-        let config = crate::config::Config::from_toml(&text, origin, Some("t"), &[]).unwrap();
-        Trainer::new(&config.train_setup(), 32, &Device::Cpu).unwrap()
+    fn trainer(kind: ModelKind, batch_norm: bool) -> Trainer {
+        let setup = TrainSetup {
+            model: ModelConfig {
+                kind,
+                batch_norm,
+                ..ModelConfig::default()
+            },
+            optimizer: Default::default(),
+            schedule: Default::default(),
+            train: crate::train::TrainConfig {
+                label_smoothing: 0.1,
+                ..Default::default()
+            },
+            augment: Default::default(),
+            seed: 0,
+        };
+        Trainer::new(&setup, 32, &Device::Cpu).unwrap()
     }
 
     /// (logits, loss, gradients) of a batch through `forward_backward` and
@@ -454,12 +465,12 @@ mod tests {
     #[test]
     fn split_batches_give_the_whole_batch_gradient() {
         on_the_kernel_path();
-        for model in ["lenet5", "custom_mlp"] {
+        for model in [ModelKind::Lenet5, ModelKind::CustomMlp] {
             let trainer = trainer(model, false);
-            assert!(trainer.splits_batch(37, &Device::Cpu), "{model} splits");
+            assert!(trainer.splits_batch(37, &Device::Cpu), "{model:?} splits");
             let [split, whole] = split_and_whole(&trainer, 37);
-            assert!(max_diff(&split.0, &whole.0) < 1e-5, "{model} logits");
-            assert!(max_diff(&split.1, &whole.1) < 1e-5, "{model} loss");
+            assert!(max_diff(&split.0, &whole.0) < 1e-5, "{model:?} logits");
+            assert!(max_diff(&split.1, &whole.1) < 1e-5, "{model:?} loss");
             let vars = trainer.varmap.all_vars();
             assert!(vars.len() >= 10);
             for var in vars {
@@ -469,7 +480,7 @@ mod tests {
                 let diff = max_diff(a, b);
                 assert!(
                     diff / scale < 1e-4,
-                    "{model} gradient {:?}: {diff}",
+                    "{model:?} gradient {:?}: {diff}",
                     var.shape()
                 );
             }
@@ -480,7 +491,7 @@ mod tests {
     #[test]
     fn batch_norm_batches_stay_whole() {
         on_the_kernel_path();
-        let trainer = trainer("custom_mlp", true);
+        let trainer = trainer(ModelKind::CustomMlp, true);
         assert!(!trainer.splits_batch(64, &Device::Cpu));
         let [split, whole] = split_and_whole(&trainer, 64);
         assert_eq!(max_diff(&split.1, &whole.1), 0.0);
