@@ -186,7 +186,7 @@ impl ConvShape {
     /// The weight gradient, `(o, c, kh, kw)`, from the inputs and the output gradient.
     pub(super) fn weight_gradient(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
         let s = self;
-        let (taps, p) = (s.taps(), s.positions());
+        let taps = s.taps();
         if s.is_dense() {
             // grad_w (o x taps) = grad_out^T (o x n) . x (n x taps)
             let mut grad_w = output_buffer(s.c_out * taps);
@@ -206,60 +206,52 @@ impl ConvShape {
         } else {
             // Each thread sums its images' contributions; the partial sums are then added.
             let per_thread = s.batch.div_ceil(rayon::current_num_threads()).max(1);
-            if one_channel::applies(s) {
-                return x
-                    .par_chunks(s.input_len() * per_thread)
-                    .zip(g.par_chunks(s.output_len() * per_thread))
-                    .map(|(images, grads)| {
-                        let mut sum = one_channel::WeightGradient::new(s);
-                        for (image, grad_out) in images
-                            .chunks(s.input_len())
-                            .zip(grads.chunks(s.output_len()))
-                        {
-                            sum.add(s, image, grad_out);
-                        }
-                        sum.finish()
-                    })
-                    .reduce_with(|mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                        a
-                    })
-                    .unwrap_or_else(|| vec![0f32; s.c_out * taps]);
-            }
             x.par_chunks(s.input_len() * per_thread)
                 .zip(g.par_chunks(s.output_len() * per_thread))
-                .map(|(images, grads)| {
-                    let mut cols = output_buffer(taps * p);
-                    // The first image's GEMM writes it, the others add to it.
-                    let mut partial = output_buffer(s.c_out * taps);
-                    for (k, (image, grad_out)) in images
-                        .chunks(s.input_len())
-                        .zip(grads.chunks(s.output_len()))
-                        .enumerate()
-                    {
-                        s.im2col(image, &mut cols);
-                        // partial (o x taps) += grad_out (o x p) . cols^T (p x taps)
-                        let dims = (s.c_out, taps, p);
-                        matmul(
-                            dims,
-                            &mut partial,
-                            (taps, 1),
-                            grad_out,
-                            (p, 1),
-                            &cols,
-                            (1, p),
-                            k > 0,
-                            Parallelism::None,
-                        );
-                    }
-                    partial
-                })
+                .map(|(images, grads)| s.partial_weight_gradient(images, grads))
                 .reduce_with(|mut a, b| {
                     a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
                     a
                 })
                 .unwrap_or_else(|| vec![0f32; s.c_out * taps])
         }
+    }
+
+    /// The weight gradient's sum over some images (one thread's share):
+    /// straight from the images for one channel, else im2col and a GEMM each.
+    fn partial_weight_gradient(&self, images: &[f32], grads: &[f32]) -> Vec<f32> {
+        let s = self;
+        let pairs = images
+            .chunks(s.input_len())
+            .zip(grads.chunks(s.output_len()));
+        if one_channel::applies(s) {
+            let mut sum = one_channel::WeightGradient::new(s);
+            for (image, grad_out) in pairs {
+                sum.add(s, image, grad_out);
+            }
+            return sum.finish();
+        }
+        let (taps, p) = (s.taps(), s.positions());
+        let mut cols = output_buffer(taps * p);
+        // The first image's GEMM writes it, the others add to it.
+        let mut partial = output_buffer(s.c_out * taps);
+        for (k, (image, grad_out)) in pairs.enumerate() {
+            s.im2col(image, &mut cols);
+            // partial (o x taps) += grad_out (o x p) . cols^T (p x taps)
+            let dims = (s.c_out, taps, p);
+            matmul(
+                dims,
+                &mut partial,
+                (taps, 1),
+                grad_out,
+                (p, 1),
+                &cols,
+                (1, p),
+                k > 0,
+                Parallelism::None,
+            );
+        }
+        partial
     }
 
     /// The input gradient, `(n, c, h, w)`, from the output gradient and the kernel.
