@@ -9,7 +9,8 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use smart_default::SmartDefault;
 
-use crate::model::{is_trainable, kernels};
+use crate::model::is_trainable;
+use crate::model::kernels::{self, f32_data, f32_data_mut};
 use crate::util::invalid::{InvalidField, in_range, invalid};
 
 /// `[optimizer]`: SGD (with PyTorch's momentum, Nesterov and L2 semantics), Adam or AdamW.
@@ -304,22 +305,6 @@ impl SgdUpdate {
     }
 }
 
-/// The contiguous f32 values of an in-place op's operand.
-fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("sgd: expected contiguous f32 tensors"),
-    }
-}
-
-/// [`values`], of the tensor an in-place op writes.
-fn values_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => candle_core::bail!("sgd: expected contiguous f32 tensors"),
-    }
-}
-
 impl InplaceOp3 for SgdUpdate {
     fn name(&self) -> &'static str {
         "mnist-lab-sgd-update"
@@ -334,8 +319,11 @@ impl InplaceOp3 for SgdUpdate {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<()> {
-        let (grad, buffer) = (values(gs, gl)?, values(bs, bl)?);
-        let param = values_mut(ps, pl)?;
+        let (grad, buffer) = (
+            f32_data(gs, gl, self.name())?,
+            f32_data(bs, bl, self.name())?,
+        );
+        let param = f32_data_mut(ps, pl, self.name())?;
         let momentum = self.momentum > 0.0;
         for ((p, &g), &b) in param.iter_mut().zip(grad).zip(buffer) {
             let g = self.decayed(g, *p);
@@ -371,8 +359,15 @@ impl InplaceOp3 for MomentumUpdate {
         ps: &CpuStorage,
         pl: &Layout,
     ) -> Result<()> {
-        let (grad, param) = (values(gs, gl)?, values(ps, pl)?);
-        for ((b, &g), &p) in values_mut(bs, bl)?.iter_mut().zip(grad).zip(param) {
+        let (grad, param) = (
+            f32_data(gs, gl, self.name())?,
+            f32_data(ps, pl, self.name())?,
+        );
+        for ((b, &g), &p) in f32_data_mut(bs, bl, self.name())?
+            .iter_mut()
+            .zip(grad)
+            .zip(param)
+        {
             let g = self.update.decayed(g, p);
             *b = if self.first {
                 g
