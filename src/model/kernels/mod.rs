@@ -28,6 +28,7 @@ mod loss;
 mod narrow_rows;
 mod one_channel;
 mod pool;
+mod simd;
 
 use block::{Activation, Saved};
 use conv::Conv2d;

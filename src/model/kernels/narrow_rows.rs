@@ -5,13 +5,14 @@
 //! a permute of it written with a mask. Same values, same order of additions.
 
 use super::conv::ConvShape;
+use super::simd::has_avx512;
 
 /// Widest input row: one 16-lane vector.
 const MAX_WIDTH: usize = 16;
 
 /// Whether these kernels take convolutions of this shape on this CPU.
 pub(super) fn applies(s: &ConvShape) -> bool {
-    s.width <= MAX_WIDTH && avx512::available()
+    s.width <= MAX_WIDTH && has_avx512()
 }
 
 /// [`ConvShape::im2col`] for one image.
@@ -35,14 +36,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::conv::ConvShape;
-
-    pub fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-
-    fn lanes(n: usize) -> __mmask16 {
-        ((1u32 << n.min(16)) - 1) as __mmask16
-    }
+    use super::super::simd::lanes;
 
     /// Permute indices: lane j takes lane `j + shift` (`shift` < 0: `j - |shift|`).
     /// A permute reads only an index's low 4 bits, so lanes whose source falls
@@ -116,10 +110,6 @@ mod avx512 {
 #[cfg(not(target_arch = "x86_64"))]
 mod avx512 {
     use super::super::conv::ConvShape;
-
-    pub fn available() -> bool {
-        false
-    }
 
     pub unsafe fn im2col(_: &ConvShape, _: &[f32], _: &mut [f32]) {
         unreachable!("narrow-row kernels are x86-64 only")

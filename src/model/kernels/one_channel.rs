@@ -7,13 +7,14 @@
 //! rows, also in registers. AVX-512 only; [`ConvShape`] takes im2col elsewhere.
 
 use super::conv::ConvShape;
+use super::simd::{LANES, has_avx512};
 
 /// Output rows up to this wide fit two 16-lane vectors.
 const MAX_OUT_W: usize = 32;
 
 /// Whether these kernels take convolutions of this shape on this CPU.
 pub(super) fn applies(s: &ConvShape) -> bool {
-    s.c_in == 1 && s.out_w() <= MAX_OUT_W && avx512::available()
+    s.c_in == 1 && s.out_w() <= MAX_OUT_W && has_avx512()
 }
 
 /// `conv2d(image, w) + b` for one image into `out` (c_out planes), written whole.
@@ -34,14 +35,14 @@ pub(super) struct WeightGradient {
 impl WeightGradient {
     pub fn new(s: &ConvShape) -> WeightGradient {
         WeightGradient {
-            lanes: vec![0.0; s.c_out * s.taps() * avx512::LANES],
+            lanes: vec![0.0; s.c_out * s.taps() * LANES],
         }
     }
 
     /// Adds one image's contribution, from the image and its output gradient.
     pub fn add(&mut self, s: &ConvShape, image: &[f32], grad_out: &[f32]) {
         assert!(applies(s) && image.len() >= s.input_len() && grad_out.len() >= s.output_len());
-        assert!(self.lanes.len() == s.c_out * s.taps() * avx512::LANES);
+        assert!(self.lanes.len() == s.c_out * s.taps() * LANES);
         // SAFETY: as in `forward`.
         unsafe { avx512::add_weight_gradient(s, image, grad_out, &mut self.lanes) }
     }
@@ -49,7 +50,7 @@ impl WeightGradient {
     /// The gradient, `(c_out, taps)`.
     pub fn finish(self) -> Vec<f32> {
         self.lanes
-            .chunks_exact(avx512::LANES)
+            .chunks_exact(LANES)
             .map(|lanes| lanes.iter().sum())
             .collect()
     }
@@ -60,32 +61,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::conv::ConvShape;
-
-    pub const LANES: usize = 16;
-
-    pub fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-
-    /// Masks of the lanes of an output row's two vectors that hold outputs.
-    fn row_masks(out_w: usize) -> (__mmask16, __mmask16) {
-        let lanes = |n: usize| ((1u32 << n.min(LANES)) - 1) as __mmask16;
-        (lanes(out_w), lanes(out_w.saturating_sub(LANES)))
-    }
-
-    /// One input row's values at `row[offset..offset + out_w]`, as two vectors
-    /// (lanes past `out_w` zero and not read).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load_row(row: *const f32, (m0, m1): (__mmask16, __mmask16)) -> [__m512; 2] {
-        // SAFETY: masked-off lanes are not read, so neither load touches memory
-        // past the row's `out_w` values; the caller keeps those in bounds.
-        unsafe {
-            [
-                _mm512_maskz_loadu_ps(m0, row),
-                _mm512_maskz_loadu_ps(m1, row.wrapping_add(LANES)),
-            ]
-        }
-    }
+    use super::super::simd::{load_row, row_masks, store_row};
+    use super::LANES;
 
     /// Safety: AVX-512 present; slices as [`super::forward`] checks.
     #[target_feature(enable = "avx512f")]
@@ -142,10 +119,7 @@ mod avx512 {
             for (g, acc) in acc.iter().enumerate() {
                 let row = out[(first + g) * plane + y * out_w..][..out_w].as_mut_ptr();
                 // SAFETY: the masks write exactly the row's out_w values.
-                unsafe {
-                    _mm512_mask_storeu_ps(row, masks.0, acc[0]);
-                    _mm512_mask_storeu_ps(row.wrapping_add(LANES), masks.1, acc[1]);
-                }
+                unsafe { store_row(row, masks, *acc) };
             }
         }
     }
@@ -236,12 +210,6 @@ mod avx512 {
 #[cfg(not(target_arch = "x86_64"))]
 mod avx512 {
     use super::super::conv::ConvShape;
-
-    pub const LANES: usize = 16;
-
-    pub fn available() -> bool {
-        false
-    }
 
     pub unsafe fn forward(_: &ConvShape, _: &[f32], _: &[f32], _: &[f32], _: &mut [f32]) {
         unreachable!("one-channel kernels are x86-64 only")

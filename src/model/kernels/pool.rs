@@ -19,7 +19,7 @@ pub(super) fn pool_row_pair(
     let ow = out.len();
     assert!(top.len() == 2 * ow && bottom.len() == 2 * ow && winners.len() == ow);
     #[cfg(target_arch = "x86_64")]
-    if 2 * ow <= avx512::MAX_WIDTH && std::arch::is_x86_feature_detected!("avx512f") {
+    if 2 * ow <= avx512::MAX_WIDTH && super::simd::has_avx512() {
         // SAFETY: AVX-512 is present and the lengths were checked above.
         unsafe { avx512::pool_row_pair((top, bottom), (scale, shift), out, winners) };
         return;
@@ -39,7 +39,7 @@ pub(super) fn unpool_row_pair(
     assert!(a.len() == ow && winners.len() == ow);
     assert!(top.len() == 2 * ow && bottom.len() == 2 * ow);
     #[cfg(target_arch = "x86_64")]
-    if 2 * ow <= avx512::MAX_WIDTH && std::arch::is_x86_feature_detected!("avx512f") {
+    if 2 * ow <= avx512::MAX_WIDTH && super::simd::has_avx512() {
         // SAFETY: AVX-512 is present and the lengths were checked above.
         unsafe { avx512::unpool_row_pair((g, a, winners), top, bottom) };
         return;
@@ -77,6 +77,8 @@ fn scalar(
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::simd::{lanes, load_row, row_masks, store_row};
+
     /// Widest input row: two 16-lane vectors.
     pub const MAX_WIDTH: usize = 32;
 
@@ -84,15 +86,8 @@ mod avx512 {
     /// of `out.len()` lanes.
     #[target_feature(enable = "avx512f")]
     unsafe fn even_and_odd(row: &[f32], scale: __m512, shift: __m512) -> (__m512, __m512) {
-        let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
-        let w = row.len();
-        // SAFETY: masked-off lanes are not read: only row[..w].
-        let (lo, hi) = unsafe {
-            (
-                _mm512_maskz_loadu_ps(lanes(w), row.as_ptr()),
-                _mm512_maskz_loadu_ps(lanes(w.saturating_sub(16)), row.as_ptr().wrapping_add(16)),
-            )
-        };
+        // SAFETY: the masks read only row[..row.len()].
+        let [lo, hi] = unsafe { load_row(row.as_ptr(), row_masks(row.len())) };
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
         // Multiply, then add, as the scalar path rounds.
@@ -134,7 +129,7 @@ mod avx512 {
         let lower_wins = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(lower, upper);
         let best = _mm512_mask_blend_ps(lower_wins, upper, lower);
         let winner = _mm512_mask_blend_epi32(lower_wins, k_upper, k_lower);
-        let outputs = ((1u32 << out.len()) - 1) as __mmask16;
+        let outputs = lanes(out.len());
         // SAFETY: the mask writes exactly out.len() values to each.
         unsafe {
             _mm512_mask_storeu_ps(out.as_mut_ptr(), outputs, best);
@@ -151,7 +146,6 @@ mod avx512 {
         bottom: &mut [f32],
     ) {
         let ow = g.len();
-        let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
         let outputs = lanes(ow);
         let mut bytes = [0u8; 16];
         bytes[..ow].copy_from_slice(winners);
@@ -171,21 +165,14 @@ mod avx512 {
         // Even and odd positions interleaved back into the row's two vectors.
         let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        let w = 2 * ow;
+        let masks = row_masks(2 * ow);
         for (row, (even, odd)) in [(top, (at(0), at(1))), (bottom, (at(2), at(3)))] {
-            // SAFETY: the masks write exactly the row's w values.
-            unsafe {
-                _mm512_mask_storeu_ps(
-                    row.as_mut_ptr(),
-                    lanes(w),
-                    _mm512_permutex2var_ps(even, low, odd),
-                );
-                _mm512_mask_storeu_ps(
-                    row.as_mut_ptr().wrapping_add(16),
-                    lanes(w.saturating_sub(16)),
-                    _mm512_permutex2var_ps(even, high, odd),
-                );
-            }
+            let values = [
+                _mm512_permutex2var_ps(even, low, odd),
+                _mm512_permutex2var_ps(even, high, odd),
+            ];
+            // SAFETY: the masks write exactly the row's 2 * ow values.
+            unsafe { store_row(row.as_mut_ptr(), masks, values) };
         }
     }
 }
