@@ -278,12 +278,13 @@ impl Trainer {
         let ((logits, loss, mut grads), (logits_2, loss_2, grads_2)) = (first?, second?);
         for var in self.varmap.all_vars() {
             let var = var.as_tensor();
-            if let Some(grad_2) = grads_2.get(var) {
-                let sum = match grads.get(var) {
-                    Some(grad) => (grad + grad_2)?,
-                    None => grad_2.clone(),
-                };
-                grads.insert(var, sum);
+            match (grads.get(var), grads_2.get(var)) {
+                // The first half's gradient is this step's own tensor: add in place.
+                (Some(grad), Some(grad_2)) => kernels::add_assign(grad, grad_2)?,
+                (None, Some(grad_2)) => {
+                    grads.insert(var, grad_2.clone());
+                }
+                _ => {}
             }
         }
         Ok((

@@ -5,14 +5,15 @@
 //! it (for LeNet5's first layer that is 4,704 values per image, the largest
 //! tensor of a step), and a layer is one op forward and one backward.
 //!
-//! Inputs: the layer's input and every parameter packed in one vector
-//! `[weight, bias, norm weight, norm bias]` (Candle's custom ops take at most
-//! three inputs; the packing is a `cat` whose backward hands each parameter its
-//! part of the gradient).
+//! Inputs: the layer's input, its weight, and its small per-channel parameters
+//! packed in one vector `[bias, norm weight, norm bias]` (Candle's custom ops
+//! take at most three inputs; the packing is a `cat` whose backward hands each
+//! its part of the gradient). The weight stays an input of its own, so a step
+//! neither copies it into a packed vector nor its gradient out of one.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
 use super::block::{Activation, ActivationGrad, Saved};
 use super::conv::{ConvShape, channel_sum};
@@ -82,17 +83,16 @@ impl Product {
         })
     }
 
-    /// The input gradient into `grad_x` (when given) and `[grad_w, grad_b]`
-    /// into `grad_params`, from the output gradient `grad_z`.
+    /// The input gradient into `grad_x` (when given), the weight's into
+    /// `grad_w` and the bias's into `grad_b`, from the output gradient `grad_z`.
     fn backward(
         &self,
         (x, x_shape): (&[f32], &Shape),
         grad_z: &[f32],
         w: &[f32],
         grad_x: Option<&mut [f32]>,
-        grad_params: &mut [f32],
+        (grad_w, grad_b): (&mut [f32], &mut [f32]),
     ) -> Result<()> {
-        let (grad_w, grad_b) = grad_params.split_at_mut(self.weights());
         match self {
             Product::Conv(_) => {
                 let s = self.conv(x_shape)?;
@@ -107,7 +107,7 @@ impl Product {
                 if let Some(grad_x) = grad_x {
                     d.input_gradient_into(grad_z, w, grad_x);
                 }
-                d.param_gradients_into(x, grad_z, grad_params);
+                d.param_gradients_into(x, grad_z, grad_w, grad_b);
             }
         }
         Ok(())
@@ -121,7 +121,11 @@ struct Kept {
     z_shape: Option<Shape>,
 }
 
-/// The fused op: inputs (x, packed parameters).
+/// The gradients of the fused op's inputs: x's (where it needs one), the
+/// weight's, and the packed per-channel parameters'.
+type Gradients = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+/// The fused op: inputs (x, weight, packed per-channel parameters).
 pub(super) struct FusedLayer {
     pub product: Product,
     pub norm: Norm,
@@ -148,115 +152,32 @@ impl FusedLayer {
             saved: self.saved.clone(),
         }
     }
-}
 
-type Parts<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [f32]);
-
-/// The packed parameters split as `(weight, bias, norm weight, norm bias)`.
-fn unpack<'a>(params: &'a [f32], product: &Product) -> Result<Parts<'a>> {
-    let (c_out, weights) = (product.channels(), product.weights());
-    if params.len() != weights + 3 * c_out {
-        candle_core::bail!(
-            "fused layer: {} packed parameters for {product:?}, expected {}",
-            params.len(),
-            weights + 3 * c_out
-        );
-    }
-    let (w, rest) = params.split_at(weights);
-    let (b, rest) = rest.split_at(c_out);
-    let (norm_w, norm_b) = rest.split_at(c_out);
-    Ok((w, b, norm_w, norm_b))
-}
-
-impl CustomOp2 for FusedLayer {
-    fn name(&self) -> &'static str {
-        "mnist-lab-fused-layer"
+    /// The packed per-channel parameters split as `(bias, norm weight, norm bias)`.
+    fn unpack<'a>(&self, packed: &'a [f32]) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+        let c = self.product.channels();
+        if packed.len() != 3 * c {
+            candle_core::bail!(
+                "fused layer: {} per-channel parameters for {c} channels, expected {}",
+                packed.len(),
+                3 * c
+            );
+        }
+        let (b, rest) = packed.split_at(c);
+        let (norm_w, norm_b) = rest.split_at(c);
+        Ok((b, norm_w, norm_b))
     }
 
-    fn cpu_fwd(
+    /// The gradients of x (when `input_gradient`), of the weight and of the
+    /// packed per-channel parameters, from the output and its gradient `g`.
+    fn gradients(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(xs, xl, self.name())?;
-        let (w, b, norm_w, norm_b) = unpack(f32_data(ps, pl, self.name())?, &self.product)?;
-        let (z, z_shape) = self.product.forward(x, xl.shape(), w, b)?;
-        let (out, shape) = self.tail().apply(&z, &z_shape, (norm_w, norm_b))?;
-        *self.kept.lock().expect("fused layer state lock") = Kept {
-            z,
-            z_shape: Some(z_shape),
-        };
-        Ok((CpuStorage::F32(out), shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        params: &Tensor,
-        out: &Tensor,
-        grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = FusedLayerGrad {
-            product: self.product.clone(),
-            params: params.to_vec1()?,
-            norm: self.norm,
-            pool: self.pool,
-            saved: self.saved.clone(),
-            kept: self.kept.clone(),
-            input_gradient: x.track_op(),
-        };
-        let packed = x.apply_op3_no_bwd(out, &grad_out.contiguous()?, &grad)?;
-        let grad_x = if grad.input_gradient {
-            let len = x.elem_count();
-            Some(packed.narrow(0, 0, len)?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let skip = if grad.input_gradient {
-            x.elem_count()
-        } else {
-            0
-        };
-        let grad_params = packed.narrow(0, skip, params.elem_count())?;
-        Ok((grad_x, Some(grad_params)))
-    }
-}
-
-/// The gradients of [`FusedLayer`], from (x, its output, the output's gradient),
-/// packed as `[grad_x (when wanted)..., grad_params...]`.
-struct FusedLayerGrad {
-    product: Product,
-    params: Vec<f32>,
-    norm: Norm,
-    pool: bool,
-    saved: Arc<Mutex<Saved>>,
-    kept: Arc<Mutex<Kept>>,
-    /// Whether the input needs a gradient (not for the first layer's images).
-    input_gradient: bool,
-}
-
-impl CustomOp3 for FusedLayerGrad {
-    fn name(&self) -> &'static str {
-        "mnist-lab-fused-layer-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        os: &CpuStorage,
-        ol: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(xs, xl, self.name())?;
-        let (out, g) = (
-            f32_data(os, ol, self.name())?,
-            f32_data(gs, gl, self.name())?,
-        );
-        let (w, _, norm_w, _) = unpack(&self.params, &self.product)?;
+        (x, x_shape): (&[f32], &Shape),
+        (w, packed): (&[f32], &[f32]),
+        (out, g): (&[f32], &[f32]),
+        input_gradient: bool,
+    ) -> Result<Gradients> {
+        let (_, norm_w, _) = self.unpack(packed)?;
         let kept = self.kept.lock().expect("fused layer state lock");
         let Some(z_shape) = &kept.z_shape else {
             candle_core::bail!("fused layer: backward before forward");
@@ -270,18 +191,89 @@ impl CustomOp3 for FusedLayerGrad {
         // [grad_z, grad_norm_w, grad_norm_b]
         let tail_grads = tail.packed_grads(&kept.z, z_shape, out, g)?;
         let (grad_z, grad_norm) = tail_grads.split_at(kept.z.len());
-        // [grad_x (when wanted), grad_w, grad_b, grad_norm_w, grad_norm_b]
-        let x_len = if self.input_gradient { x.len() } else { 0 };
-        let mut packed = output_buffer(x_len + self.params.len());
-        let (grad_x, grad_params) = packed.split_at_mut(x_len);
-        let (grad_product, grad_tail) =
-            grad_params.split_at_mut(self.params.len() - grad_norm.len());
-        let grad_x = self.input_gradient.then_some(grad_x);
-        self.product
-            .backward((x, xl.shape()), grad_z, w, grad_x, grad_product)?;
+        let mut grad_x = input_gradient.then(|| output_buffer(x.len()));
+        let mut grad_w = output_buffer(w.len());
+        // [grad_b, grad_norm_w, grad_norm_b]
+        let mut grad_packed = output_buffer(packed.len());
+        let (grad_b, grad_tail) = grad_packed.split_at_mut(self.product.channels());
+        self.product.backward(
+            (x, x_shape),
+            grad_z,
+            w,
+            grad_x.as_deref_mut(),
+            (&mut grad_w, grad_b),
+        )?;
         grad_tail.copy_from_slice(grad_norm);
-        let len = packed.len();
-        Ok((CpuStorage::F32(packed), Shape::from(len)))
+        Ok((grad_x, grad_w, grad_packed))
+    }
+}
+
+impl CustomOp3 for FusedLayer {
+    fn name(&self) -> &'static str {
+        "mnist-lab-fused-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(xs, xl, self.name())?;
+        let w = f32_data(ws, wl, self.name())?;
+        if w.len() != self.product.weights() {
+            candle_core::bail!("fused layer: {} weights for {:?}", w.len(), self.product);
+        }
+        let (b, norm_w, norm_b) = self.unpack(f32_data(ps, pl, self.name())?)?;
+        let (z, z_shape) = self.product.forward(x, xl.shape(), w, b)?;
+        let (out, shape) = self.tail().apply(&z, &z_shape, (norm_w, norm_b))?;
+        *self.kept.lock().expect("fused layer state lock") = Kept {
+            z,
+            z_shape: Some(z_shape),
+        };
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    /// Computed here from the tensors' storage, not as another custom op, so
+    /// that no input is copied out first.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        packed: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_out = grad_out.contiguous()?;
+        let (grad_x, grad_w, grad_packed) = {
+            let tensors = [x, w, packed, out, &grad_out];
+            let guards = tensors.map(|t| t.storage_and_layout());
+            let mut data = [&[][..]; 5];
+            for (slot, (storage, layout)) in data.iter_mut().zip(&guards) {
+                let Storage::Cpu(storage) = &**storage else {
+                    candle_core::bail!("the fused layer runs on the CPU only");
+                };
+                *slot = f32_data(storage, layout, self.name())?;
+            }
+            let [x_data, w_data, packed_data, out_data, g_data] = data;
+            self.gradients(
+                (x_data, x.shape()),
+                (w_data, packed_data),
+                (out_data, g_data),
+                x.track_op(),
+            )?
+        };
+        let cpu = &Device::Cpu;
+        Ok((
+            grad_x
+                .map(|g| Tensor::from_vec(g, x.shape(), cpu))
+                .transpose()?,
+            Some(Tensor::from_vec(grad_w, w.shape(), cpu)?),
+            Some(Tensor::from_vec(grad_packed, packed.shape(), cpu)?),
+        ))
     }
 }
 

@@ -129,10 +129,15 @@ impl Dense {
         );
     }
 
-    /// `[grad_w = grad_y^T . x, grad_b = column sums of grad_y]` into `packed`.
-    pub fn param_gradients_into(&self, x: &[f32], g: &[f32], packed: &mut [f32]) {
+    /// `grad_w = grad_y^T . x` and `grad_b` = the column sums of `grad_y`.
+    pub fn param_gradients_into(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        grad_w: &mut [f32],
+        grad_b: &mut [f32],
+    ) {
         let Dense { n, inputs, outputs } = *self;
-        let (grad_w, grad_b) = packed.split_at_mut(outputs * inputs);
         matmul(
             (outputs, inputs, n),
             grad_w,
@@ -273,7 +278,8 @@ impl CustomOp2 for LinearGradParams {
             f32_data(gs, gl, self.name())?,
         );
         let mut packed = output_buffer(outputs * inputs + outputs);
-        Dense { n, inputs, outputs }.param_gradients_into(x, g, &mut packed);
+        let (grad_w, grad_b) = packed.split_at_mut(outputs * inputs);
+        Dense { n, inputs, outputs }.param_gradients_into(x, g, grad_w, grad_b);
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
     }

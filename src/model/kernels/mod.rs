@@ -262,6 +262,36 @@ pub fn linear_affine_tanh(
     )
 }
 
+/// `dst += src` in place, for two f32 CPU tensors of one shape: the same
+/// values as `dst + src` with no tensor allocated.
+pub fn add_assign(dst: &Tensor, src: &Tensor) -> Result<()> {
+    if dst.shape() != src.shape() {
+        candle_core::bail!("add_assign: {:?} += {:?}", dst.shape(), src.shape());
+    }
+    dst.inplace_op2(&src.contiguous()?, &AddAssign)
+}
+
+struct AddAssign;
+
+impl candle_core::InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "mnist-lab-add-assign"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ds: &mut CpuStorage,
+        dl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let src = f32_data(ss, sl, self.name())?;
+        let dst = f32_data_mut(ds, dl, self.name())?;
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        Ok(())
+    }
+}
+
 /// Mean cross-entropy of `logits` `(n, classes)` against u32 `labels` `(n,)`.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if enabled(logits.device()) {
@@ -341,10 +371,12 @@ pub fn fused_layer(
         2 => Product::Dense(w.shape().clone()),
         rank => candle_core::bail!("fused layer: a weight of rank {rank}, expected 2 or 4"),
     };
-    let params = Tensor::cat(&[&w.flatten_all()?, b, norm_w, norm_b], 0)?;
+    let per_channel = Tensor::cat(&[b, norm_w, norm_b], 0)?;
     let saved = Arc::new(Mutex::new(Saved::default()));
     let op = FusedLayer::new(product, norm, pool, saved.clone());
-    let y = x.contiguous()?.apply_op2(&params, op)?;
+    let y = x
+        .contiguous()?
+        .apply_op3(&w.contiguous()?, &per_channel, op)?;
     Ok((y, batch_stats(norm, &saved)))
 }
 
