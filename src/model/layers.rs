@@ -73,10 +73,7 @@ impl<L: Layer> ModuleT for Block<L> {
             kernels::activation(&x.apply(&self.layer)?, norm, &weight, &bias, self.pool)?
         };
         if let (Some(batch_norm), Some(stats)) = (&self.norm, stats) {
-            // Values per channel the statistics came from: before pooling, four per output.
-            let per_output = if self.pool { 4 } else { 1 };
-            let count = per_output * y.elem_count() / batch_norm.weight.elem_count();
-            batch_norm.update_running_stats(stats, count)?;
+            batch_norm.update_running_stats(stats)?;
         }
         Ok(y)
     }
@@ -145,8 +142,9 @@ impl BatchNorm {
         })
     }
 
-    /// Moves the running statistics towards a batch's (`count` values per channel).
-    fn update_running_stats(&self, (means, vars): BatchStats, count: usize) -> Result<()> {
+    /// Moves the running statistics towards a batch's.
+    fn update_running_stats(&self, stats: BatchStats) -> Result<()> {
+        let BatchStats { means, vars, count } = stats;
         let unbiased = count as f32 / (count.max(2) - 1) as f32;
         let blend = |running: &Var, batch: Vec<f32>| -> Result<()> {
             let batch = Tensor::from_vec(batch, running.shape(), running.device())?;

@@ -240,8 +240,7 @@ impl Trainer {
         labels: &Tensor,
         lr: f64,
     ) -> Result<(Tensor, Tensor)> {
-        let (logits, loss, grads) =
-            kernels::install(images.device(), || self.forward_backward(images, labels))?;
+        let (logits, loss, grads) = self.forward_backward(images, labels)?;
         self.optimizer.step(&grads, lr)?;
         if let Some(ema) = &mut self.ema {
             ema.update()?;
@@ -254,19 +253,23 @@ impl Trainer {
     /// are independent (no BatchNorm statistics, no dropout draws), on the CPU
     /// its two halves run side by side, each on one thread with no hand-off
     /// between its ops, and their gradients are added: the same gradient of
-    /// the batch mean, with sums in another order. Two halves whatever the
-    /// threads, so a run gives the same numbers on any machine.
+    /// the batch mean, with sums in another order. With BatchNorm the halves
+    /// meet at each BatchNorm to add their sums (`kernels::run_halves`), so
+    /// both normalise with the whole batch's statistics and take their share
+    /// of its gradient. Two halves whatever the threads, so a run gives the
+    /// same numbers on any machine.
     fn forward_backward(
         &self,
         images: &Tensor,
         labels: &Tensor,
     ) -> Result<(Tensor, Tensor, GradStore)> {
-        let n = images.dim(0)?;
-        if !self.splits_batch(n, images.device()) {
-            return self.weighted_pass(images, labels, None);
+        let (n, device) = (images.dim(0)?, images.device());
+        if !self.splits_batch(n, device) {
+            return kernels::install(device, || self.weighted_pass(images, labels, None));
         }
         let half = n / 2;
-        let part = |start: usize, len: usize| {
+        let part = |index: usize| {
+            let (start, len) = [(0, half), (half, n - half)][index];
             let share = len as f64 / n as f64;
             self.weighted_pass(
                 &images.narrow(0, start, len)?,
@@ -274,7 +277,11 @@ impl Trainer {
                 Some(share),
             )
         };
-        let (first, second) = rayon::join(|| part(0, half), || part(half, n - half));
+        let (first, second) = if self.setup.model.batch_norm {
+            kernels::run_halves(part)
+        } else {
+            kernels::install(device, || rayon::join(|| part(0), || part(1)))
+        };
         let ((logits, loss, mut grads), (logits_2, loss_2, grads_2)) = (first?, second?);
         for var in self.varmap.all_vars() {
             let var = var.as_tensor();
@@ -297,9 +304,9 @@ impl Trainer {
     /// Whether a batch of `n` examples on `device` trains as two halves (see
     /// [`Trainer::forward_backward`]).
     fn splits_batch(&self, n: usize, device: &Device) -> bool {
-        let model = &self.setup.model;
-        let independent = !model.batch_norm && model.dropout == 0.0;
-        independent && n >= MIN_SPLIT_BATCH && kernels::enabled(device)
+        // Dropout's draws come from one stream, in the whole batch's order.
+        let no_dropout = self.setup.model.dropout == 0.0;
+        no_dropout && n >= MIN_SPLIT_BATCH && kernels::enabled(device)
     }
 
     /// Forward and backward over `images`, the loss scaled by `share` (this
@@ -447,18 +454,56 @@ mod tests {
         Trainer::new(&setup, 32, &Device::Cpu).unwrap()
     }
 
+    /// `n` random images and labels.
+    fn batch(n: usize) -> (Tensor, Tensor) {
+        let images = random(&[n, 1, 32, 32], 1);
+        let labels: Vec<u32> = (0..n as u32).map(|i| i * 7 % 10).collect();
+        (images, Tensor::from_vec(labels, n, &Device::Cpu).unwrap())
+    }
+
+    type Pass = (Tensor, Tensor, GradStore);
+
+    /// The split pass's logits, loss and the gradient of every parameter match
+    /// the whole pass's (each from its trainer, of the same initial weights).
+    fn assert_same_pass(
+        (trainer, split): (&Trainer, &Pass),
+        (whole_trainer, whole): (&Trainer, &Pass),
+        label: &str,
+    ) {
+        assert!(max_diff(&split.0, &whole.0) < 1e-5, "{label} logits");
+        assert!(max_diff(&split.1, &whole.1) < 1e-5, "{label} loss");
+        // Copies: the two trainers may be one.
+        let named = |t: &Trainer| t.varmap.data().lock().unwrap().clone();
+        let (vars, whole_vars) = (named(trainer), named(whole_trainer));
+        let parameters: Vec<&String> = vars
+            .keys()
+            .filter(|name| !name.contains("running"))
+            .collect();
+        assert!(parameters.len() >= 10);
+        for name in parameters {
+            let var = vars[name].as_tensor();
+            let whole_var = whole_vars[name].as_tensor();
+            let (a, b) = (split.2.get(var).unwrap(), whole.2.get(whole_var).unwrap());
+            let scale = max_diff(b, &b.zeros_like().unwrap()).max(1e-3);
+            let diff = max_diff(a, b);
+            assert!(
+                diff / scale < 1e-4,
+                "{label} gradient {:?}: {diff}",
+                var.shape()
+            );
+        }
+    }
+
     /// (logits, loss, gradients) of a batch through `forward_backward` and
     /// through one whole pass.
     fn split_and_whole(trainer: &Trainer, n: usize) -> [(Tensor, Tensor, GradStore); 2] {
-        let images = random(&[n, 1, 32, 32], 1);
-        let labels: Vec<u32> = (0..n as u32).map(|i| i * 7 % 10).collect();
-        let labels = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
-        kernels::install(&Device::Cpu, || {
-            [
-                trainer.forward_backward(&images, &labels).unwrap(),
-                trainer.weighted_pass(&images, &labels, None).unwrap(),
-            ]
-        })
+        let (images, labels) = batch(n);
+        [
+            trainer.forward_backward(&images, &labels).unwrap(),
+            kernels::install(&Device::Cpu, || {
+                trainer.weighted_pass(&images, &labels, None).unwrap()
+            }),
+        ]
     }
 
     /// A batch trained as two halves side by side gives the whole batch's
@@ -470,31 +515,77 @@ mod tests {
             let trainer = trainer(model, false);
             assert!(trainer.splits_batch(37, &Device::Cpu), "{model:?} splits");
             let [split, whole] = split_and_whole(&trainer, 37);
-            assert!(max_diff(&split.0, &whole.0) < 1e-5, "{model:?} logits");
-            assert!(max_diff(&split.1, &whole.1) < 1e-5, "{model:?} loss");
-            let vars = trainer.varmap.all_vars();
-            assert!(vars.len() >= 10);
-            for var in vars {
-                let var = var.as_tensor();
-                let (a, b) = (split.2.get(var).unwrap(), whole.2.get(var).unwrap());
-                let scale = max_diff(b, &b.zeros_like().unwrap()).max(1e-3);
-                let diff = max_diff(a, b);
+            let pair = |pass| (&trainer, pass);
+            assert_same_pass(pair(&split), pair(&whole), &format!("{model:?}"));
+        }
+    }
+
+    /// With BatchNorm the halves meet at each BatchNorm: the same loss,
+    /// logits and gradients as the whole batch, and the running statistics
+    /// move once, towards the whole batch's, whether the halves run at once or
+    /// take turns.
+    #[test]
+    fn batch_norm_halves_give_the_whole_batch_gradient() {
+        on_the_kernel_path();
+        for model in [ModelKind::Lenet5, ModelKind::CustomMlp] {
+            let [split, whole] = [0, 1].map(|_| trainer(model, true));
+            assert!(split.splits_batch(37, &Device::Cpu), "{model:?} splits");
+            let (images, labels) = batch(37);
+            let split_pass = split.forward_backward(&images, &labels).unwrap();
+            let whole_pass = kernels::install(&Device::Cpu, || {
+                whole.weighted_pass(&images, &labels, None).unwrap()
+            });
+            assert_same_pass(
+                (&split, &split_pass),
+                (&whole, &whole_pass),
+                &format!("{model:?}"),
+            );
+            let buffers = |t: &Trainer| -> Vec<(String, Tensor)> {
+                let data = t.varmap.data().lock().unwrap();
+                let mut named: Vec<_> = data
+                    .iter()
+                    .filter(|(name, _)| name.contains("running"))
+                    .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
+                    .collect();
+                named.sort_by(|a, b| a.0.cmp(&b.0));
+                named
+            };
+            let (ours, theirs) = (buffers(&split), buffers(&whole));
+            assert!(ours.len() >= 4, "{model:?} has running statistics");
+            for ((name, a), (_, b)) in ours.iter().zip(&theirs) {
                 assert!(
-                    diff / scale < 1e-4,
-                    "{model:?} gradient {:?}: {diff}",
-                    var.shape()
+                    max_diff(a, b) < 1e-5,
+                    "{model:?} {name}: {}",
+                    max_diff(a, b)
                 );
             }
         }
     }
 
-    /// BatchNorm's statistics are the whole batch's: such batches stay whole.
+    /// With one kernel thread the halves take turns: the same numbers as two.
     #[test]
-    fn batch_norm_batches_stay_whole() {
+    fn batch_norm_halves_taking_turns_match_halves_side_by_side() {
         on_the_kernel_path();
-        let trainer = trainer(ModelKind::CustomMlp, true);
-        assert!(!trainer.splits_batch(64, &Device::Cpu));
-        let [split, whole] = split_and_whole(&trainer, 64);
-        assert_eq!(max_diff(&split.1, &whole.1), 0.0);
+        let trainer = trainer(ModelKind::Lenet5, true);
+        let (images, labels) = batch(40);
+        let part = |index: usize| {
+            let (start, len) = [(0, 20), (20, 20)][index];
+            let part = |t: &Tensor| t.narrow(0, start, len).unwrap();
+            (trainer.weighted_pass(&part(&images), &part(&labels), Some(0.5))).unwrap()
+        };
+        let side_by_side = kernels::run_halves_with(false, part);
+        let in_turns = kernels::run_halves_with(true, part);
+        for (a, b) in [
+            (&side_by_side.0, &in_turns.0),
+            (&side_by_side.1, &in_turns.1),
+        ] {
+            assert_eq!(max_diff(&a.0, &b.0), 0.0);
+            for var in trainer.varmap.all_vars() {
+                let var = var.as_tensor();
+                if let (Some(x), Some(y)) = (a.2.get(var), b.2.get(var)) {
+                    assert_eq!(max_diff(x, y), 0.0);
+                }
+            }
+        }
     }
 }

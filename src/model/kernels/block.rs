@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activation::fast_tanh;
+use super::halves::Meeting;
 use super::pool;
 use super::{f32_data, output_buffer, task_len};
 
@@ -34,6 +35,9 @@ pub struct Saved {
     /// Per-channel batch mean and biased variance (BatchNorm only).
     pub means: Vec<f32>,
     pub vars: Vec<f32>,
+    /// Values per channel they were taken over: the whole batch's, when this
+    /// pass is one half of it.
+    pub count: usize,
 }
 
 /// `(n, c, positions)` of a `(n, c, ...)` shape.
@@ -198,20 +202,35 @@ impl<F: Fn(f32, f32, Params) -> f32> pulp::WithSimd for ChannelChunk<'_, F> {
     }
 }
 
-/// Per-channel mean and biased variance (two passes, for accuracy).
-fn channel_moments(x: &[f32], dims: (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
-    let count = (dims.0 * dims.2) as f64;
+/// `sums`, with the other half's added when this pass is half a batch.
+fn whole_batch(sums: Vec<f64>, meeting: Option<&Meeting>) -> Result<Vec<f64>> {
+    match meeting {
+        Some(meeting) => meeting.add(sums),
+        None => Ok(sums),
+    }
+}
+
+/// Per-channel mean and biased variance (two passes, for accuracy) over the
+/// whole batch, and the values per channel they were taken over.
+fn channel_moments(
+    x: &[f32],
+    dims: (usize, usize, usize),
+    meeting: Option<&Meeting>,
+) -> Result<(Vec<f32>, Vec<f32>, usize)> {
     let none = vec![[0f32; 4]; dims.1];
-    let means: Vec<f32> = channel_sums(x, x, dims, &none, |v, _, _| v)
-        .into_iter()
-        .map(|sum| (sum / count) as f32)
-        .collect();
+    // The count travels with the sums: the halves may differ by one image.
+    let mut sums = channel_sums(x, x, dims, &none, |v, _, _| v);
+    sums.push((dims.0 * dims.2) as f64);
+    let mut sums = whole_batch(sums, meeting)?;
+    let count = sums.pop().unwrap_or(0.0);
+    let means: Vec<f32> = sums.iter().map(|sum| (sum / count) as f32).collect();
     let centres: Vec<Params> = means.iter().map(|&m| [m, 0.0, 0.0, 0.0]).collect();
-    let vars = channel_sums(x, x, dims, &centres, |v, _, [m, ..]| (v - m) * (v - m))
+    let squares = channel_sums(x, x, dims, &centres, |v, _, [m, ..]| (v - m) * (v - m));
+    let vars = whole_batch(squares, meeting)?
         .into_iter()
         .map(|sum| (sum / count) as f32)
         .collect();
-    (means, vars)
+    Ok((means, vars, count as usize))
 }
 
 /// Normalise, tanh and (optionally) pool: inputs (z, weight or scale, bias or shift).
@@ -219,6 +238,8 @@ pub(super) struct Activation {
     pub norm: Norm,
     pub pool: bool,
     pub saved: Arc<Mutex<Saved>>,
+    /// Where BatchNorm meets the batch's other half, when this is one.
+    pub meeting: Option<Meeting>,
 }
 
 impl Activation {
@@ -230,11 +251,12 @@ impl Activation {
         dims: (usize, usize, usize),
         (w, b): (&[f32], &[f32]),
         saved: &mut Saved,
-    ) -> Vec<Params> {
+    ) -> Result<Vec<Params>> {
         let c = dims.1;
         let affine: Vec<(f32, f32)> = match self.norm {
             Norm::Batch { eps } => {
-                (saved.means, saved.vars) = channel_moments(z, dims);
+                (saved.means, saved.vars, saved.count) =
+                    channel_moments(z, dims, self.meeting.as_ref())?;
                 (0..c)
                     .map(|ch| {
                         let scale = w[ch] / (saved.vars[ch] + eps).sqrt();
@@ -244,10 +266,10 @@ impl Activation {
             }
             Norm::Affine => w.iter().copied().zip(b.iter().copied()).collect(),
         };
-        affine
+        Ok(affine
             .into_iter()
             .map(|(scale, shift)| [scale, shift, 0.0, 0.0])
-            .collect()
+            .collect())
     }
 }
 
@@ -271,7 +293,7 @@ impl Activation {
             );
         }
         let mut saved = Saved::default();
-        let affine = self.channel_affine(z, dims, (w, b), &mut saved);
+        let affine = self.channel_affine(z, dims, (w, b), &mut saved)?;
         let (out, shape) = if self.pool {
             let (h, w) = pool_input(shape)?;
             let (out, winners) = affine_tanh_pool(z, (n, c, h, w), &affine);
@@ -330,6 +352,7 @@ impl CustomOp3 for Activation {
             pool: self.pool,
             weight: w.to_vec1::<f32>()?,
             saved: self.saved.clone(),
+            meeting: self.meeting.clone(),
         };
         let packed = z.apply_op3_no_bwd(out, &grad_out.contiguous()?, &grad)?;
         let (len, c) = (z.elem_count(), w.elem_count());
@@ -402,6 +425,8 @@ pub(super) struct ActivationGrad {
     /// BatchNorm's weight, or the fixed scale.
     pub weight: Vec<f32>,
     pub saved: Arc<Mutex<Saved>>,
+    /// As in [`Activation`]: the backward sums are the whole batch's too.
+    pub meeting: Option<Meeting>,
 }
 
 impl ActivationGrad {
@@ -449,7 +474,8 @@ impl ActivationGrad {
 impl ActivationGrad {
     /// BatchNorm's backward through the batch statistics: the gradient of the
     /// pre-normalisation values into `grad_z`, and of the scale and shift into
-    /// `grad_params` (`c` each).
+    /// `grad_params` (`c` each). For half a batch, `grad_z` takes the whole
+    /// batch's sums, and the scale and shift get this half's share.
     fn batch_norm_grad(
         &self,
         saved: &Saved,
@@ -457,8 +483,8 @@ impl ActivationGrad {
         dims: (usize, usize, usize),
         eps: f32,
         (grad_z, grad_params): (&mut [f32], &mut [f32]),
-    ) {
-        let (n, c, s) = dims;
+    ) -> Result<()> {
+        let c = dims.1;
         let (means, vars) = (&saved.means, &saved.vars);
         let inv_std: Vec<f32> = vars.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
         let centred: Vec<Params> = means
@@ -470,9 +496,16 @@ impl ActivationGrad {
         let sum_dt_xhat = channel_sums(dt, z, dims, &centred, |d, z, [m, inv, ..]| {
             d * (z - m) * inv
         });
-        let count = (n * s) as f32;
-        let sum_dt: Vec<f32> = sum_dt.iter().map(|&v| v as f32).collect();
-        let sum_dt_xhat: Vec<f32> = sum_dt_xhat.iter().map(|&v| v as f32).collect();
+        let to_f32 = |sums: &[f64]| -> Vec<f32> { sums.iter().map(|&v| v as f32).collect() };
+        let own = [to_f32(&sum_dt_xhat), to_f32(&sum_dt)];
+        let [sum_dt_xhat, sum_dt] = match &self.meeting {
+            Some(meeting) => {
+                let total = meeting.add([sum_dt_xhat, sum_dt].concat())?;
+                [to_f32(&total[..c]), to_f32(&total[c..])]
+            }
+            None => own.clone(),
+        };
+        let count = saved.count as f32;
         let params: Vec<Params> = (0..c)
             .map(|ch| {
                 let inv = inv_std[ch];
@@ -489,8 +522,10 @@ impl ActivationGrad {
             &params,
             |z, dt, [m, inv_sdx, k, k_sd]| k * count * dt - k_sd - k * (z - m) * inv_sdx,
         );
-        grad_params[..c].copy_from_slice(&sum_dt_xhat);
-        grad_params[c..].copy_from_slice(&sum_dt);
+        let [own_dt_xhat, own_dt] = own;
+        grad_params[..c].copy_from_slice(&own_dt_xhat);
+        grad_params[c..].copy_from_slice(&own_dt);
+        Ok(())
     }
 }
 
@@ -543,7 +578,7 @@ impl ActivationGrad {
                 grad_params.fill(0.0);
             }
             Norm::Batch { eps } => {
-                self.batch_norm_grad(&saved, (z, &dt), dims, eps, (grad_z, grad_params))
+                self.batch_norm_grad(&saved, (z, &dt), dims, eps, (grad_z, grad_params))?
             }
         }
         Ok(packed)
@@ -555,7 +590,7 @@ mod tests {
     use crate::model::kernels::testing::{
         candle_tail as reference, max_diff, on_the_kernel_path, random,
     };
-    use crate::model::kernels::{Norm, activation};
+    use crate::model::kernels::{BatchStats, Norm, activation};
     use candle_core::{DType, Device, Tensor, Var};
 
     fn check(shape: &[usize], norm: Norm, pool: bool) {
@@ -573,7 +608,8 @@ mod tests {
             matches!(norm, Norm::Batch { .. }),
             "{label}"
         );
-        if let Some((means, vars)) = stats {
+        if let Some(BatchStats { means, vars, count }) = stats {
+            assert_eq!(count, z.elem_count() / c, "values per channel {label}");
             // Per channel, over the batch and positions: the mean and the biased
             // variance (the running statistics make it unbiased later).
             let per_channel = z

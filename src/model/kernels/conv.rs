@@ -204,10 +204,12 @@ impl ConvShape {
             );
             grad_w
         } else {
-            // Each thread sums its images' contributions; the partial sums are then added.
-            let per_thread = s.batch.div_ceil(rayon::current_num_threads()).max(1);
-            x.par_chunks(s.input_len() * per_thread)
-                .zip(g.par_chunks(s.output_len() * per_thread))
+            // Each half of the images sums its contributions, in parallel; the
+            // two partial sums are then added. Always two, whatever the
+            // threads, so the result does not depend on them.
+            let per_part = s.batch.div_ceil(2).max(1);
+            x.par_chunks(s.input_len() * per_part)
+                .zip(g.par_chunks(s.output_len() * per_part))
                 .map(|(images, grads)| s.partial_weight_gradient(images, grads))
                 .reduce_with(|mut a, b| {
                     a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
@@ -217,7 +219,7 @@ impl ConvShape {
         }
     }
 
-    /// The weight gradient's sum over some images (one thread's share):
+    /// The weight gradient's sum over some images (one part's share):
     /// straight from the images for one channel, else im2col and a GEMM each.
     fn partial_weight_gradient(&self, images: &[f32], grads: &[f32]) -> Vec<f32> {
         let s = self;

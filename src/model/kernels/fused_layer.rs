@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage,
 
 use super::block::{Activation, ActivationGrad, Saved};
 use super::conv::{ConvShape, channel_sum};
+use super::halves::Meeting;
 use super::linear::Dense;
 use super::{Norm, f32_data, output_buffer};
 
@@ -131,16 +132,24 @@ pub(super) struct FusedLayer {
     pub norm: Norm,
     pub pool: bool,
     pub saved: Arc<Mutex<Saved>>,
+    /// Where BatchNorm meets the batch's other half, when this is one.
+    pub meeting: Option<Meeting>,
     kept: Arc<Mutex<Kept>>,
 }
 
 impl FusedLayer {
-    pub fn new(product: Product, norm: Norm, pool: bool, saved: Arc<Mutex<Saved>>) -> FusedLayer {
+    pub fn new(
+        product: Product,
+        (norm, meeting): (Norm, Option<Meeting>),
+        pool: bool,
+        saved: Arc<Mutex<Saved>>,
+    ) -> FusedLayer {
         FusedLayer {
             product,
             norm,
             pool,
             saved,
+            meeting,
             kept: Arc::default(),
         }
     }
@@ -150,6 +159,7 @@ impl FusedLayer {
             norm: self.norm,
             pool: self.pool,
             saved: self.saved.clone(),
+            meeting: self.meeting.clone(),
         }
     }
 
@@ -187,6 +197,7 @@ impl FusedLayer {
             pool: self.pool,
             weight: norm_w.to_vec(),
             saved: self.saved.clone(),
+            meeting: self.meeting.clone(),
         };
         // [grad_z, grad_norm_w, grad_norm_b]
         let tail_grads = tail.packed_grads(&kept.z, z_shape, out, g)?;

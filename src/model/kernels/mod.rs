@@ -23,6 +23,7 @@ mod activation;
 mod block;
 mod conv;
 mod fused_layer;
+mod halves;
 mod linear;
 mod loss;
 mod narrow_rows;
@@ -38,6 +39,8 @@ use loss::CrossEntropy;
 
 pub use activation::fast_tanh;
 pub use block::Norm;
+#[cfg(test)]
+pub use halves::run as run_halves_with;
 
 /// Whether these kernels run on `device`: on the CPU, unless Candle's own ops
 /// were asked for there too (`MNIST_LAB_CANDLE_OPS=1` or [`use_candle_ops`]),
@@ -200,6 +203,13 @@ pub fn install<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Runs `pass(0)` and `pass(1)`, the two halves of a batch, each on a thread
+/// of its own, meeting at every BatchNorm to add their sums (see `halves`);
+/// with one kernel thread they take turns. Call it from outside [`install`].
+pub fn run_halves<R: Send>(pass: impl Fn(usize) -> R + Sync) -> (R, R) {
+    halves::run(pool().current_num_threads() < 2, pass)
+}
+
 /// Length of a parallel task over whole items of `item_len` values: enough
 /// items that each task is worth handing to another thread.
 fn task_len(item_len: usize) -> usize {
@@ -312,8 +322,13 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
 }
 
-/// Per-channel batch means and biased variances.
-pub type BatchStats = (Vec<f32>, Vec<f32>);
+/// A batch's per-channel means and biased variances, and the values per
+/// channel they were taken over.
+pub struct BatchStats {
+    pub means: Vec<f32>,
+    pub vars: Vec<f32>,
+    pub count: usize,
+}
 
 /// A hidden layer's tail on the CPU: per-channel normalisation, tanh, then 2x2
 /// max-pooling when `pool`. With [`Norm::Batch`], `weight` and `bias` are
@@ -334,6 +349,7 @@ pub fn activation(
         norm,
         pool,
         saved: saved.clone(),
+        meeting: None,
     };
     let y = z
         .contiguous()?
@@ -346,7 +362,11 @@ fn batch_stats(norm: Norm, saved: &Mutex<Saved>) -> Option<BatchStats> {
     match norm {
         Norm::Batch { .. } => {
             let saved = saved.lock().expect("activation state lock");
-            Some((saved.means.clone(), saved.vars.clone()))
+            Some(BatchStats {
+                means: saved.means.clone(),
+                vars: saved.vars.clone(),
+                count: saved.count,
+            })
         }
         Norm::Affine => None,
     }
@@ -355,7 +375,9 @@ fn batch_stats(norm: Norm, saved: &Mutex<Saved>) -> Option<BatchStats> {
 /// A hidden layer in training, on the CPU, as one op (see `fused_layer`): its
 /// product, `conv2d(x, w) + b` for a 4-d `w` or `x . w^T + b` for a 2-d one,
 /// then per-channel normalisation, tanh and 2x2 max-pooling when `pool`;
-/// `norm_w` and `norm_b` as for [`activation`].
+/// `norm_w` and `norm_b` as for [`activation`]. When this pass is one half of
+/// a batch ([`run_halves`]), BatchNorm takes the whole batch's statistics, and
+/// only the first half returns them (running statistics move once per batch).
 pub fn fused_layer(
     x: &Tensor,
     (w, b): (&Tensor, &Tensor),
@@ -373,11 +395,17 @@ pub fn fused_layer(
     };
     let per_channel = Tensor::cat(&[b, norm_w, norm_b], 0)?;
     let saved = Arc::new(Mutex::new(Saved::default()));
-    let op = FusedLayer::new(product, norm, pool, saved.clone());
+    let meeting = match norm {
+        Norm::Batch { .. } => halves::current(),
+        Norm::Affine => None,
+    };
+    let keeps_stats = meeting.as_ref().is_none_or(|m| m.is_first());
+    let op = FusedLayer::new(product, (norm, meeting), pool, saved.clone());
     let y = x
         .contiguous()?
         .apply_op3(&w.contiguous()?, &per_channel, op)?;
-    Ok((y, batch_stats(norm, &saved)))
+    let stats = batch_stats(norm, &saved).filter(|_| keeps_stats);
+    Ok((y, stats))
 }
 
 #[cfg(test)]
