@@ -67,7 +67,8 @@ impl<L: Layer> ModuleT for Block<L> {
         // In training the layer and its tail are one op (no graph node for the
         // layer's output); in evaluation there is no graph to spare.
         let (y, stats) = if train {
-            let tail = (&weight, &bias);
+            // Without BatchNorm the tail has no parameters: none to pass.
+            let tail = self.norm.as_ref().map(|_| (&weight, &bias));
             kernels::fused_layer(x, self.layer.params(), norm, tail, self.pool)?
         } else {
             kernels::activation(&x.apply(&self.layer)?, norm, &weight, &bias, self.pool)?

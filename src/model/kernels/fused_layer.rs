@@ -134,22 +134,29 @@ pub(super) struct FusedLayer {
     pub saved: Arc<Mutex<Saved>>,
     /// Where BatchNorm meets the batch's other half, when this is one.
     pub meeting: Option<Meeting>,
+    /// Ones and zeros per channel when the tail has no parameters (a layer
+    /// without BatchNorm): the packed input is then the bias alone, with no
+    /// `cat` to build it and no gradients of constants.
+    identity: Option<(Vec<f32>, Vec<f32>)>,
     kept: Arc<Mutex<Kept>>,
 }
 
 impl FusedLayer {
+    /// `identity`: the tail has no parameters (see [`FusedLayer::identity`]).
     pub fn new(
         product: Product,
-        (norm, meeting): (Norm, Option<Meeting>),
+        (norm, meeting, identity): (Norm, Option<Meeting>, bool),
         pool: bool,
         saved: Arc<Mutex<Saved>>,
     ) -> FusedLayer {
+        let c = product.channels();
         FusedLayer {
             product,
             norm,
             pool,
             saved,
             meeting,
+            identity: identity.then(|| (vec![1.0; c], vec![0.0; c])),
             kept: Arc::default(),
         }
     }
@@ -164,14 +171,17 @@ impl FusedLayer {
     }
 
     /// The packed per-channel parameters split as `(bias, norm weight, norm bias)`.
-    fn unpack<'a>(&self, packed: &'a [f32]) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    fn unpack<'a>(&'a self, packed: &'a [f32]) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
         let c = self.product.channels();
-        if packed.len() != 3 * c {
+        let expected = if self.identity.is_some() { c } else { 3 * c };
+        if packed.len() != expected {
             candle_core::bail!(
-                "fused layer: {} per-channel parameters for {c} channels, expected {}",
+                "fused layer: {} per-channel parameters for {c} channels, expected {expected}",
                 packed.len(),
-                3 * c
             );
+        }
+        if let Some((ones, zeros)) = &self.identity {
+            return Ok((packed, ones, zeros));
         }
         let (b, rest) = packed.split_at(c);
         let (norm_w, norm_b) = rest.split_at(c);
@@ -214,7 +224,9 @@ impl FusedLayer {
             grad_x.as_deref_mut(),
             (&mut grad_w, grad_b),
         )?;
-        grad_tail.copy_from_slice(grad_norm);
+        if self.identity.is_none() {
+            grad_tail.copy_from_slice(grad_norm);
+        }
         Ok((grad_x, grad_w, grad_packed))
     }
 }
@@ -305,7 +317,8 @@ mod tests {
         let b = Var::from_tensor(&random(&[c], 3)).unwrap();
         let norm_w = Var::from_tensor(&(random(&[c], 4) + 1.5).unwrap()).unwrap();
         let norm_b = Var::from_tensor(&random(&[c], 5)).unwrap();
-        let (ours, stats) = fused_layer(&x, (&w, &b), norm, (&norm_w, &norm_b), pool).unwrap();
+        let (ours, stats) =
+            fused_layer(&x, (&w, &b), norm, Some((&norm_w, &norm_b)), pool).unwrap();
         let z = if w_shape.len() == 4 {
             x.conv2d(&w, 0, 1, 1, 1)
                 .unwrap()
@@ -369,16 +382,47 @@ mod tests {
         }
     }
 
+    /// No tail parameters (a layer without BatchNorm) is the affine map of
+    /// ones and zeros, bit for bit, forward and backward.
+    #[test]
+    fn an_identity_tail_equals_ones_and_zeros() {
+        on_the_kernel_path();
+        for (x_shape, w_shape, pool) in [
+            (&[3, 6, 14, 14][..], &[16, 6, 5, 5][..], true),
+            (&[5, 120][..], &[84, 120][..], false),
+        ] {
+            let x = Var::from_tensor(&random(x_shape, 1)).unwrap();
+            let w = Var::from_tensor(&random(w_shape, 2)).unwrap();
+            let c = w_shape[0];
+            let b = Var::from_tensor(&random(&[c], 3)).unwrap();
+            let cpu = &candle_core::Device::Cpu;
+            let ones = Tensor::ones(c, candle_core::DType::F32, cpu).unwrap();
+            let zeros = Tensor::zeros(c, candle_core::DType::F32, cpu).unwrap();
+            let run = |tail| {
+                let (y, _) = fused_layer(&x, (&w, &b), Norm::Affine, tail, pool).unwrap();
+                let grads = (&y * &random(y.dims(), 4))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let grad = |v: &Var| grads.get(v).unwrap().clone();
+                (y, [grad(&x), grad(&w), grad(&b)])
+            };
+            let (identity, explicit) = (run(None), run(Some((&ones, &zeros))));
+            assert_eq!(max_diff(&identity.0, &explicit.0), 0.0, "{x_shape:?}");
+            for (a, e) in identity.1.iter().zip(&explicit.1) {
+                assert_eq!(max_diff(a, e), 0.0, "{x_shape:?}");
+            }
+        }
+    }
+
     #[test]
     fn the_first_layer_gets_no_input_gradient() {
         let x = random(&[2, 1, 8, 8], 1);
         let w = Var::from_tensor(&random(&[2, 1, 3, 3], 2)).unwrap();
         let b = Var::from_tensor(&random(&[2], 3)).unwrap();
-        let (ones, zeros) = (
-            Tensor::ones(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
-            Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
-        );
-        let (y, _) = fused_layer(&x, (&w, &b), Norm::Affine, (&ones, &zeros), true).unwrap();
+        let (y, _) = fused_layer(&x, (&w, &b), Norm::Affine, None, true).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_none());
         assert!(grads.get(&w).is_some() && grads.get(&b).is_some());

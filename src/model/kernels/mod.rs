@@ -374,33 +374,45 @@ fn batch_stats(norm: Norm, saved: &Mutex<Saved>) -> Option<BatchStats> {
 
 /// A hidden layer in training, on the CPU, as one op (see `fused_layer`): its
 /// product, `conv2d(x, w) + b` for a 4-d `w` or `x . w^T + b` for a 2-d one,
-/// then per-channel normalisation, tanh and 2x2 max-pooling when `pool`;
-/// `norm_w` and `norm_b` as for [`activation`]. When this pass is one half of
-/// a batch ([`run_halves`]), BatchNorm takes the whole batch's statistics, and
-/// only the first half returns them (running statistics move once per batch).
+/// then per-channel normalisation with `tail`'s `(norm_w, norm_b)` as for
+/// [`activation`] (none: the identity, for a layer without BatchNorm), tanh and
+/// 2x2 max-pooling when `pool`. When this pass is one half of a batch
+/// ([`run_halves`]), BatchNorm takes the whole batch's statistics, and only
+/// the first half returns them (running statistics move once per batch).
 pub fn fused_layer(
     x: &Tensor,
     (w, b): (&Tensor, &Tensor),
     norm: Norm,
-    (norm_w, norm_b): (&Tensor, &Tensor),
+    tail: Option<(&Tensor, &Tensor)>,
     pool: bool,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     if !x.device().is_cpu() {
         candle_core::bail!("the fused layer runs on the CPU only");
+    }
+    if tail.is_none() && norm != Norm::Affine {
+        candle_core::bail!("fused layer: BatchNorm needs its weight and bias");
     }
     let product = match w.rank() {
         4 => Product::Conv(w.shape().clone()),
         2 => Product::Dense(w.shape().clone()),
         rank => candle_core::bail!("fused layer: a weight of rank {rank}, expected 2 or 4"),
     };
-    let per_channel = Tensor::cat(&[b, norm_w, norm_b], 0)?;
+    let per_channel = match tail {
+        Some((norm_w, norm_b)) => Tensor::cat(&[b, norm_w, norm_b], 0)?,
+        None => b.contiguous()?,
+    };
     let saved = Arc::new(Mutex::new(Saved::default()));
     let meeting = match norm {
         Norm::Batch { .. } => halves::current(),
         Norm::Affine => None,
     };
     let keeps_stats = meeting.as_ref().is_none_or(|m| m.is_first());
-    let op = FusedLayer::new(product, (norm, meeting), pool, saved.clone());
+    let op = FusedLayer::new(
+        product,
+        (norm, meeting, tail.is_none()),
+        pool,
+        saved.clone(),
+    );
     let y = x
         .contiguous()?
         .apply_op3(&w.contiguous()?, &per_channel, op)?;
