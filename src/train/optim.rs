@@ -144,15 +144,16 @@ impl Optimizer {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            if config.kind == OptimizerKind::Sgd && kernels::enabled(var.device()) {
+                // Reads the gradient in place: no tensor is built from it.
+                sgd_in_place(&config, var.as_tensor(), grad, state, lr)?;
+                continue;
+            }
             // Candle's gradients of variables keep the graph that computed them
             // (activations included); a momentum buffer built from them would
             // chain every step's graph to the next and hold it all in memory.
             let grad = &grad.detach();
             let param = var.as_detached_tensor();
-            if config.kind == OptimizerKind::Sgd && kernels::enabled(param.device()) {
-                sgd_in_place(&config, var.as_tensor(), grad, state, lr)?;
-                continue;
-            }
             let updated = match config.kind {
                 OptimizerKind::Sgd => sgd(&config, &param, grad, state, lr)?,
                 OptimizerKind::Adam | OptimizerKind::Adamw => {
