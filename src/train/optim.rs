@@ -27,6 +27,11 @@ pub struct OptimizerConfig {
     pub nesterov: bool,
     /// SGD and Adam: L2 penalty added to the gradient. AdamW: decoupled decay.
     pub weight_decay: f64,
+    /// Whether `weight_decay` applies to biases and BatchNorm's weight and
+    /// bias (the 1-D parameters) too, as in PyTorch by default; `false`
+    /// decays only the layers' weights.
+    #[default(true)]
+    pub decay_bias_and_norm: bool,
     /// Adam/AdamW first-moment decay.
     #[default(0.9)]
     pub beta1: f64,
@@ -139,14 +144,22 @@ impl Optimizer {
     /// One update of every parameter that has a gradient, at learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.steps += 1;
-        let config = self.config.clone();
+        let no_decay = OptimizerConfig {
+            weight_decay: 0.0,
+            ..self.config.clone()
+        };
         for (_, var, state) in &mut self.params {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            let config = if self.config.decay_bias_and_norm || var.rank() > 1 {
+                &self.config
+            } else {
+                &no_decay
+            };
             if config.kind == OptimizerKind::Sgd && kernels::enabled(var.device()) {
                 // Reads the gradient in place: no tensor is built from it.
-                sgd_in_place(&config, var.as_tensor(), grad, state, lr)?;
+                sgd_in_place(config, var.as_tensor(), grad, state, lr)?;
                 continue;
             }
             // Candle's gradients of variables keep the graph that computed them
@@ -155,9 +168,9 @@ impl Optimizer {
             let grad = &grad.detach();
             let param = var.as_detached_tensor();
             let updated = match config.kind {
-                OptimizerKind::Sgd => sgd(&config, &param, grad, state, lr)?,
+                OptimizerKind::Sgd => sgd(config, &param, grad, state, lr)?,
                 OptimizerKind::Adam | OptimizerKind::Adamw => {
-                    adam(&config, &param, grad, state, lr, self.steps)?
+                    adam(config, &param, grad, state, lr, self.steps)?
                 }
             };
             var.set(&updated)?;
@@ -439,6 +452,41 @@ mod tests {
             trace.push(w.to_vec1::<f32>().unwrap()[0]);
         }
         trace
+    }
+
+    /// Without decay on biases and norms, a 1-D parameter with no gradient
+    /// stays put while a weight matrix shrinks, for every optimiser kind.
+    #[test]
+    fn bias_and_norm_can_be_spared_weight_decay() {
+        for kind in [
+            OptimizerKind::Sgd,
+            OptimizerKind::Adam,
+            OptimizerKind::Adamw,
+        ] {
+            for decay_bias_and_norm in [true, false] {
+                let varmap = VarMap::new();
+                let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+                let init = candle_nn::Init::Const(1.0);
+                let weight = vb.get_with_hints((2, 2), "weight", init).unwrap();
+                let bias = vb.get_with_hints(2, "bias", init).unwrap();
+                let config = OptimizerConfig {
+                    kind,
+                    weight_decay: 0.1,
+                    decay_bias_and_norm,
+                    ..OptimizerConfig::default()
+                };
+                let mut optimizer = Optimizer::new(&config, &varmap);
+                // A gradient of exactly zero for both (2p - 2p): only decay moves them.
+                let square = |p: &Tensor| p.sqr().unwrap().sum_all().unwrap();
+                let total = (square(&weight) + square(&bias)).unwrap();
+                let loss = (&total - &total).unwrap();
+                optimizer.step(&loss.backward().unwrap(), 0.1).unwrap();
+                let first = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+                let label = format!("{kind:?} decay_bias_and_norm={decay_bias_and_norm}");
+                assert!(first(&weight) < 1.0, "{label}: the weight decays");
+                assert_eq!(first(&bias) < 1.0, decay_bias_and_norm, "{label}: the bias");
+            }
+        }
     }
 
     /// A gradient that Candle computed from tracked tensors carries their graph;

@@ -5,7 +5,9 @@
 //! layer's whole tail (BatchNorm or affine, tanh, 2x2 max-pool) as one op, in
 //! training a whole hidden layer (product and tail) as one op, and softmax
 //! cross-entropy. Fewer, fused nodes also spare Candle's autograd a
-//! zero-filled gradient buffer and an addition per node.
+//! zero-filled gradient buffer and an addition per node. [`run_halves`] runs
+//! a BatchNorm model's batch as two halves on threads of their own that meet
+//! at each BatchNorm to add their sums (`halves`).
 //!
 //! [`conv2d`], [`linear`] and [`cross_entropy`] fall back to Candle's ops off
 //! the CPU (CUDA); [`activation`] and [`fused_layer`] are CPU-only and models choose
