@@ -508,7 +508,7 @@ mod tests {
 
     /// (logits, loss, gradients) of a batch through `forward_backward` and
     /// through one whole pass.
-    fn split_and_whole(trainer: &Trainer, n: usize) -> [(Tensor, Tensor, GradStore); 2] {
+    fn split_and_whole(trainer: &Trainer, n: usize) -> [Pass; 2] {
         let (images, labels) = batch(n);
         [
             trainer.forward_backward(&images, &labels).unwrap(),
@@ -584,7 +584,9 @@ mod tests {
         let part = |index: usize| {
             let (start, len) = [(0, 20), (20, 20)][index];
             let part = |t: &Tensor| t.narrow(0, start, len).unwrap();
-            (trainer.weighted_pass(&part(&images), &part(&labels), Some(0.5))).unwrap()
+            trainer
+                .weighted_pass(&part(&images), &part(&labels), Some(0.5))
+                .unwrap()
         };
         let side_by_side = kernels::run_halves_with(false, part);
         let in_turns = kernels::run_halves_with(true, part);
@@ -593,12 +595,17 @@ mod tests {
             (&side_by_side.1, &in_turns.1),
         ] {
             assert_eq!(max_diff(&a.0, &b.0), 0.0);
+            let mut compared = 0;
             for var in trainer.varmap.all_vars() {
                 let var = var.as_tensor();
+                // Running statistics have no gradient, in either.
+                assert_eq!(a.2.get(var).is_some(), b.2.get(var).is_some());
                 if let (Some(x), Some(y)) = (a.2.get(var), b.2.get(var)) {
                     assert_eq!(max_diff(x, y), 0.0);
+                    compared += 1;
                 }
             }
+            assert!(compared >= 10, "every parameter's gradient compared");
         }
     }
 }

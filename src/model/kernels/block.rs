@@ -497,14 +497,17 @@ impl ActivationGrad {
             d * (z - m) * inv
         });
         let to_f32 = |sums: &[f64]| -> Vec<f32> { sums.iter().map(|&v| v as f32).collect() };
+        // This pass's own sums (its share of the scale's and shift's
+        // gradients) and, for half a batch, the whole batch's.
         let own = [to_f32(&sum_dt_xhat), to_f32(&sum_dt)];
-        let [sum_dt_xhat, sum_dt] = match &self.meeting {
+        let whole = match &self.meeting {
             Some(meeting) => {
                 let total = meeting.add([sum_dt_xhat, sum_dt].concat())?;
-                [to_f32(&total[..c]), to_f32(&total[c..])]
+                Some([to_f32(&total[..c]), to_f32(&total[c..])])
             }
-            None => own.clone(),
+            None => None,
         };
+        let [sum_dt_xhat, sum_dt] = whole.as_ref().unwrap_or(&own);
         let count = saved.count as f32;
         let params: Vec<Params> = (0..c)
             .map(|ch| {

@@ -84,34 +84,35 @@ impl Product {
         })
     }
 
-    /// The input gradient into `grad_x` (when given), the weight's into
-    /// `grad_w` and the bias's into `grad_b`, from the output gradient `grad_z`.
+    /// The input gradient into `grad_x` (when given) and the bias's into
+    /// `grad_b`, from the output gradient `grad_z`; returns the weight's.
     fn backward(
         &self,
         (x, x_shape): (&[f32], &Shape),
         grad_z: &[f32],
         w: &[f32],
         grad_x: Option<&mut [f32]>,
-        (grad_w, grad_b): (&mut [f32], &mut [f32]),
-    ) -> Result<()> {
-        match self {
+        grad_b: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        Ok(match self {
             Product::Conv(_) => {
                 let s = self.conv(x_shape)?;
                 if let Some(grad_x) = grad_x {
                     s.input_gradient_into(grad_z, w, grad_x);
                 }
-                grad_w.copy_from_slice(&s.weight_gradient(x, grad_z));
                 grad_b.copy_from_slice(&channel_sum(grad_z, s.c_out, s.out_h() * s.out_w()));
+                s.weight_gradient(x, grad_z)
             }
             Product::Dense(_) => {
                 let d = self.dense(x_shape)?;
                 if let Some(grad_x) = grad_x {
                     d.input_gradient_into(grad_z, w, grad_x);
                 }
-                d.param_gradients_into(x, grad_z, grad_w, grad_b);
+                let mut grad_w = output_buffer(w.len());
+                d.param_gradients_into(x, grad_z, &mut grad_w, grad_b);
+                grad_w
             }
-        }
-        Ok(())
+        })
     }
 }
 
@@ -213,17 +214,12 @@ impl FusedLayer {
         let tail_grads = tail.packed_grads(&kept.z, z_shape, out, g)?;
         let (grad_z, grad_norm) = tail_grads.split_at(kept.z.len());
         let mut grad_x = input_gradient.then(|| output_buffer(x.len()));
-        let mut grad_w = output_buffer(w.len());
         // [grad_b, grad_norm_w, grad_norm_b]
         let mut grad_packed = output_buffer(packed.len());
         let (grad_b, grad_tail) = grad_packed.split_at_mut(self.product.channels());
-        self.product.backward(
-            (x, x_shape),
-            grad_z,
-            w,
-            grad_x.as_deref_mut(),
-            (&mut grad_w, grad_b),
-        )?;
+        let grad_w =
+            self.product
+                .backward((x, x_shape), grad_z, w, grad_x.as_deref_mut(), grad_b)?;
         if self.identity.is_none() {
             grad_tail.copy_from_slice(grad_norm);
         }
