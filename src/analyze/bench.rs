@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::analyze::{AnalyzeError, Result};
 use crate::config::Config;
 use crate::data::Datasets;
-use crate::model::ModelKind;
+use crate::model::{ModelKind, kernels};
 use crate::train::{self, Trainer};
 use crate::util::device::DeviceSpec;
 use crate::util::fsio::{FileError, write_atomic};
@@ -75,18 +75,23 @@ pub fn measure(
     let mut trainer = Trainer::new(&config.train_setup(), data.side, device)?;
     // A bounded pool of batches, cycled: memory stays flat however many steps.
     let batches = random_batches(data, batch_size, BATCH_POOL, device)?;
-    for (images, labels) in batches.iter().cycle().take(WARMUP_STEPS) {
-        trainer.train_step(images, labels, 0.01)?;
-    }
-    let allocations = crate::util::alloc::allocations();
-    let start = Instant::now();
-    for (images, labels) in batches.iter().cycle().take(steps) {
-        trainer.train_step(images, labels, 0.01)?;
-    }
-    device.synchronize()?;
-    let train_secs = start.elapsed().as_secs_f64();
-    let allocations_per_step =
-        (crate::util::alloc::allocations() - allocations) as f64 / steps as f64;
+    // On the training thread, as `Trainer::train_epoch` runs its steps.
+    let (train_secs, allocations_per_step) = kernels::on_training_thread(device, || {
+        for (images, labels) in batches.iter().cycle().take(WARMUP_STEPS) {
+            trainer.train_step(images, labels, 0.01)?;
+        }
+        let allocations = crate::util::alloc::allocations();
+        let start = Instant::now();
+        for (images, labels) in batches.iter().cycle().take(steps) {
+            trainer.train_step(images, labels, 0.01)?;
+        }
+        device.synchronize()?;
+        let allocations = crate::util::alloc::allocations() - allocations;
+        Ok::<_, AnalyzeError>((
+            start.elapsed().as_secs_f64(),
+            allocations as f64 / steps as f64,
+        ))
+    })?;
 
     let warm_set = data.test.slice(0, data.test.len().min(2 * EVAL_BATCH))?;
     train::evaluate(trainer.model.as_ref(), &warm_set, EVAL_BATCH)?;

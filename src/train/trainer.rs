@@ -178,8 +178,20 @@ impl Trainer {
 
     /// Trains one epoch (`epoch` counts from 0) over `train` in a fresh seeded order;
     /// `on_batch` hears the number of images of each batch done, and the epoch's
-    /// figures so far, which it may read.
+    /// figures so far, which it may read. On the CPU the loop runs on the
+    /// training thread (`kernels::on_training_thread`).
     pub fn train_epoch(
+        &mut self,
+        train: &Tensors,
+        epoch: usize,
+        on_batch: impl FnMut(usize, RunningScore) + Send,
+    ) -> std::result::Result<Score, TrainError> {
+        let device = train.images.device().clone();
+        kernels::on_training_thread(&device, || self.epoch_steps(train, epoch, on_batch))
+    }
+
+    /// [`Trainer::train_epoch`], on the thread it runs on.
+    fn epoch_steps(
         &mut self,
         train: &Tensors,
         epoch: usize,
@@ -273,7 +285,7 @@ impl Trainer {
     /// [`Trainer::forward_backward`] of a batch as two halves, their logits,
     /// losses and gradients put together.
     fn two_halves(&self, images: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor, GradStore)> {
-        let (n, device) = (images.dim(0)?, images.device());
+        let n = images.dim(0)?;
         let half = n / 2;
         let part = |index: usize| {
             let (start, len) = [(0, half), (half, n - half)][index];
@@ -284,11 +296,7 @@ impl Trainer {
                 Some(share),
             )
         };
-        let (first, second) = if self.setup.model.batch_norm {
-            kernels::run_halves(part)
-        } else {
-            kernels::install(device, || rayon::join(|| part(0), || part(1)))
-        };
+        let (first, second) = kernels::run_halves(part);
         let ((logits, loss, mut grads), (logits_2, loss_2, grads_2)) = (first?, second?);
         for var in self.varmap.all_vars() {
             let var = var.as_tensor();

@@ -205,6 +205,18 @@ pub fn install<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Runs a training loop on `device`: on the CPU, on the thread where each
+/// batch's first half runs (see [`run_halves`]), so a step starts its halves
+/// without handing itself to another thread and back; elsewhere on the calling
+/// thread (see [`install`] for CUDA's per-thread streams).
+pub fn on_training_thread<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
+    if enabled(device) {
+        halves::on_first_half_thread(work)
+    } else {
+        work()
+    }
+}
+
 /// Runs `pass(0)` and `pass(1)`, the two halves of a batch, each on a thread
 /// of its own, meeting at every BatchNorm to add their sums (see `halves`);
 /// with one kernel thread they take turns. Call it from outside [`install`].
