@@ -23,9 +23,11 @@ pub(super) struct AffineTanh {
 }
 
 impl AffineTanh {
-    fn apply(&self, rows: &mut [f32]) {
+    /// `tanh((row + bias) * scale + shift)` for each row of products.
+    fn apply(&self, rows: &mut [f32], bias: &[f32]) {
         pulp::Arch::new().dispatch(AffineTanhRows {
             rows,
+            bias,
             scale: &self.scale,
             shift: &self.shift,
         });
@@ -35,6 +37,7 @@ impl AffineTanh {
 /// [`AffineTanh`] over rows, compiled once per vector unit by `pulp`.
 struct AffineTanhRows<'a> {
     rows: &'a mut [f32],
+    bias: &'a [f32],
     scale: &'a [f32],
     shift: &'a [f32],
 }
@@ -46,8 +49,9 @@ impl pulp::WithSimd for AffineTanhRows<'_> {
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
         let width = self.scale.len();
         for row in self.rows.chunks_exact_mut(width) {
-            for ((v, &a), &b) in row.iter_mut().zip(self.scale).zip(self.shift) {
-                *v = fast_tanh(*v * a + b);
+            let columns = self.bias.iter().zip(self.scale).zip(self.shift);
+            for (v, ((&bias, &a), &b)) in row.iter_mut().zip(columns) {
+                *v = fast_tanh((*v + bias) * a + b);
             }
         }
     }
@@ -57,12 +61,20 @@ impl pulp::WithSimd for AffineTanhRows<'_> {
 const SPLIT_ROWS: usize = 512;
 
 impl Linear {
-    /// `y (n x outputs) += x (n x inputs) . w^T`, then the epilogue if any.
-    fn product(&self, y: &mut [f32], x: &[f32], w: &[f32], (inputs, outputs): (usize, usize)) {
+    /// `y = x (n x inputs) . w^T + b` into `y`, whose values are not read, then
+    /// the epilogue if any: without one each row starts from the bias and the
+    /// GEMM adds onto it; with one the GEMM writes the bare products and the
+    /// epilogue adds the bias as it goes (the same sums, one pass fewer).
+    fn product(&self, y: &mut [f32], x: &[f32], w: &[f32], b: &[f32]) {
+        let (outputs, inputs) = (b.len(), w.len() / b.len().max(1));
         let n = y.len() / outputs;
         let product = |y: &mut [f32], x: &[f32], parallelism| {
             let rows = y.len() / outputs;
-            // As y^T (outputs x rows) += w . x^T: the GEMM then reads x where it
+            if self.epilogue.is_none() {
+                y.chunks_exact_mut(outputs)
+                    .for_each(|row| row.copy_from_slice(b));
+            }
+            // As y^T (outputs x rows) = w . x^T: the GEMM then reads x where it
             // lies instead of packing a copy of it (x is the large operand,
             // 4 MB for a CustomMLP evaluation batch), with the same sums.
             matmul(
@@ -73,11 +85,11 @@ impl Linear {
                 (inputs, 1),
                 x,
                 (1, inputs),
-                true,
+                self.epilogue.is_none(),
                 parallelism,
             );
             if let Some(epilogue) = &self.epilogue {
-                epilogue.apply(y);
+                epilogue.apply(y, b);
             }
         };
         if n >= SPLIT_ROWS {
@@ -105,11 +117,8 @@ pub(super) struct Dense {
 impl Dense {
     /// `x . w^T + b`: each row starts from the bias and the GEMM adds onto it.
     pub fn forward(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
-        let mut y: Vec<f32> = Vec::with_capacity(self.n * self.outputs);
-        for _ in 0..self.n {
-            y.extend_from_slice(b);
-        }
-        Linear { epilogue: None }.product(&mut y, x, w, (self.inputs, self.outputs));
+        let mut y = output_buffer(self.n * self.outputs);
+        Linear { epilogue: None }.product(&mut y, x, w, b);
         y
     }
 
@@ -185,11 +194,6 @@ impl CustomOp3 for Linear {
             f32_data(ws, wl, self.name())?,
             f32_data(bs, bl, self.name())?,
         );
-        // Start from the bias in every row and let the GEMM accumulate onto it.
-        let mut y: Vec<f32> = Vec::with_capacity(n * outputs);
-        for _ in 0..n {
-            y.extend_from_slice(b);
-        }
         if let Some(epilogue) = &self.epilogue
             && (epilogue.scale.len() != outputs || epilogue.shift.len() != outputs)
         {
@@ -198,7 +202,8 @@ impl CustomOp3 for Linear {
                 epilogue.scale.len()
             );
         }
-        self.product(&mut y, x, w, (inputs, outputs));
+        let mut y = output_buffer(n * outputs);
+        self.product(&mut y, x, w, b);
         Ok((CpuStorage::F32(y), Shape::from((n, outputs))))
     }
 
