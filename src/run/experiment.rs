@@ -168,6 +168,7 @@ fn load_data(
     started: Instant,
 ) -> Result<Datasets, RunError> {
     let data = Datasets::load(&config.data, config.seed, device)?;
+    system::release_freed_memory();
     tracing::info!(
         dir = %data.dir.display(),
         train = data.train.len(),

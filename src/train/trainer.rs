@@ -398,19 +398,24 @@ pub fn evaluate(model: &dyn Classifier, set: &Tensors, batch_size: usize) -> Res
     };
     // On the CPU whole batches run side by side, one per thread: a small
     // model's layers then need no hand-off between threads (CustomMLP spent a
-    // fifth of its evaluation waking and parking them), and an idle thread
-    // still takes a share of a busy one's kernels. The sums below add the
-    // batches in order, so the result does not depend on the threads.
-    let scores = kernels::install(device, || {
-        if device.is_cpu() {
-            starts
-                .par_iter()
-                .map(score_batch)
-                .collect::<Result<Vec<_>>>()
-        } else {
-            starts.iter().map(score_batch).collect()
-        }
-    })?;
+    // fifth of its evaluation waking and parking them). The sums below add
+    // the batches in order, so the result does not depend on the threads.
+    let scores = if kernels::enabled(device) {
+        kernels::map_on_both_threads(starts.len(), |index| score_batch(&starts[index]))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()
+    } else {
+        kernels::install(device, || {
+            if device.is_cpu() {
+                starts
+                    .par_iter()
+                    .map(score_batch)
+                    .collect::<Result<Vec<_>>>()
+            } else {
+                starts.iter().map(score_batch).collect()
+            }
+        })
+    }?;
     let mut loss_sum = Tensor::zeros((), DType::F32, device)?;
     let mut correct = Tensor::zeros((), DType::F32, device)?;
     for (loss, count) in scores {

@@ -245,6 +245,26 @@ fn run_here<R: Send>(take_turns: bool, pass: impl Fn(usize) -> R + Sync) -> (R, 
     (first, second.expect("the second half ran"))
 }
 
+/// `item(0)`, ..., `item(count - 1)` in order, computed on the halves' two
+/// threads (taking turns, when `take_turns`: then the first does them all),
+/// each taking the next item when it finishes one: a busier thread takes fewer.
+pub fn map<T: Send>(take_turns: bool, count: usize, item: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (first, second) = run(take_turns, |_| {
+        let mut done = Vec::new();
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            if index >= count {
+                return done;
+            }
+            done.push((index, item(index)));
+        }
+    });
+    let mut items: Vec<(usize, T)> = first.into_iter().chain(second).collect();
+    items.sort_unstable_by_key(|(index, _)| *index);
+    items.into_iter().map(|(_, value)| value).collect()
+}
+
 /// Second halves handed over so far.
 static HANDED_OVER: AtomicU64 = AtomicU64::new(0);
 
@@ -353,6 +373,27 @@ mod tests {
                 });
             }
         });
+    }
+
+    /// Every item once, in order, from both threads (or the first alone).
+    #[test]
+    fn map_gives_every_item_once_in_order() {
+        for take_turns in [false, true] {
+            let threads = Mutex::new(std::collections::HashSet::new());
+            let items = map(take_turns, 40, |index| {
+                threads.lock().unwrap().insert(std::thread::current().id());
+                std::thread::sleep(Duration::from_micros(500));
+                index * 3
+            });
+            assert_eq!(items, (0..40).map(|i| i * 3).collect::<Vec<_>>());
+            let threads = threads.into_inner().unwrap().len();
+            assert_eq!(
+                threads,
+                if take_turns { 1 } else { 2 },
+                "take_turns={take_turns}"
+            );
+        }
+        assert!(map(false, 0, |index| index).is_empty());
     }
 
     #[test]

@@ -217,6 +217,14 @@ pub fn on_training_thread<R: Send>(device: &Device, work: impl FnOnce() -> R + S
     }
 }
 
+/// `item(0)`, ..., `item(count - 1)` in order, computed on the two halves'
+/// threads (see [`run_halves`]), each taking the next item when it finishes
+/// one. Evaluation runs its batches so: on the two threads that train, so a
+/// run's memory holds no other threads' allocator heaps.
+pub fn map_on_both_threads<T: Send>(count: usize, item: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    halves::map(pool().current_num_threads() < 2, count, item)
+}
+
 /// Runs `pass(0)` and `pass(1)`, the two halves of a batch, each on a thread
 /// of its own, meeting at every BatchNorm to add their sums (see `halves`);
 /// with one kernel thread they take turns. Call it from outside [`install`].
