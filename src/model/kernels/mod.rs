@@ -6,8 +6,10 @@
 //! training a whole hidden layer (product and tail) as one op, and softmax
 //! cross-entropy. Fewer, fused nodes also spare Candle's autograd a
 //! zero-filled gradient buffer and an addition per node. [`run_halves`] runs
-//! a BatchNorm model's batch as two halves on threads of their own that meet
-//! at each BatchNorm to add their sums (`halves`).
+//! a batch as two halves on two threads of their own, meeting at each
+//! BatchNorm to add their sums (`halves`); the training loop
+//! ([`on_training_thread`]) and evaluation ([`map_on_both_threads`]) run on
+//! the same two threads.
 //!
 //! [`conv2d`], [`linear`] and [`cross_entropy`] fall back to Candle's ops off
 //! the CPU (CUDA); [`activation`] and [`fused_layer`] are CPU-only and models choose
