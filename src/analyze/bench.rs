@@ -75,7 +75,8 @@ pub fn measure(
     let mut trainer = Trainer::new(&config.train_setup(), data.side, device)?;
     // A bounded pool of batches, cycled: memory stays flat however many steps.
     let batches = random_batches(data, batch_size, BATCH_POOL, device)?;
-    // On the training thread, as `Trainer::train_epoch` runs its steps.
+    // On the training thread, as `Trainer::train_epoch` runs the steps of
+    // batches that train as halves (every preset's do).
     let (train_secs, allocations_per_step) = kernels::on_training_thread(device, || {
         for (images, labels) in batches.iter().cycle().take(WARMUP_STEPS) {
             trainer.train_step(images, labels, 0.01)?;

@@ -178,8 +178,9 @@ impl Trainer {
 
     /// Trains one epoch (`epoch` counts from 0) over `train` in a fresh seeded order;
     /// `on_batch` hears the number of images of each batch done, and the epoch's
-    /// figures so far, which it may read. On the CPU the loop runs on the
-    /// training thread (`kernels::on_training_thread`).
+    /// figures so far, which it may read. Where its batches train as halves
+    /// the loop runs on the training thread (`kernels::on_training_thread`),
+    /// where each batch's first half runs.
     pub fn train_epoch(
         &mut self,
         train: &Tensors,
@@ -187,7 +188,11 @@ impl Trainer {
         on_batch: impl FnMut(usize, RunningScore) + Send,
     ) -> std::result::Result<Score, TrainError> {
         let device = train.images.device().clone();
-        kernels::on_training_thread(&device, || self.epoch_steps(train, epoch, on_batch))
+        if self.splits_batch(self.setup.train.batch_size, &device) {
+            kernels::on_training_thread(&device, || self.epoch_steps(train, epoch, on_batch))
+        } else {
+            self.epoch_steps(train, epoch, on_batch)
+        }
     }
 
     /// [`Trainer::train_epoch`], on the thread it runs on.
