@@ -232,12 +232,12 @@ fn run_here<R: Send>(take_turns: bool, pass: impl Fn(usize) -> R + Sync) -> (R, 
         pass(part)
     };
     let mut second = None;
-    HANDED_OVER.fetch_add(1, Ordering::Release);
+    let handed = HANDED_OVER.fetch_add(1, Ordering::Release) + 1;
     let first = half_pool(1).in_place_scope(|scope| {
         scope.spawn(|_| {
             second = Some(enter(1));
             if !take_turns {
-                rayon::spawn(keep_warm);
+                rayon::spawn(move || keep_warm(handed));
             }
         });
         enter(0)
@@ -268,16 +268,16 @@ pub fn map<T: Send>(take_turns: bool, count: usize, item: impl Fn(usize) -> T + 
 /// Second halves handed over so far.
 static HANDED_OVER: AtomicU64 = AtomicU64::new(0);
 
-/// Keeps the second half's thread awake, for up to 2 ms, until the next batch
-/// hands it a half. Between two batches the first half's thread runs the
+/// Keeps the second half's thread awake, for up to 2 ms, until the batch after
+/// the `handed`-th hands it a half (if that happened already, it returns at
+/// once: the half waits in the pool's queue behind this). Between two batches the first half's thread runs the
 /// optimiser and fetches the batch (~50-100 µs); a thread left to sleep in
 /// that gap costs each step two wake-ups of ~20 µs (CustomMLP, batch 64:
 /// 200k -> 270k images/s awake). Spins first, then yields the core to any
 /// thread that wants it.
-fn keep_warm() {
+fn keep_warm(handed: u64) {
     const SPIN: Duration = Duration::from_micros(30);
     const LIMIT: Duration = Duration::from_millis(2);
-    let handed = HANDED_OVER.load(Ordering::Acquire);
     let start = Instant::now();
     loop {
         for _ in 0..64 {
