@@ -110,6 +110,11 @@ fn ablation(configs: &[SeedGroup], all: &[RunInfo]) -> Result<String> {
             let [change] = &seeds::changes(&base, &seeds::experiment(group.runs[0]))[..] else {
                 continue;
             };
+            // Another architecture is another config, not this one with a
+            // technique turned off (two best configs can differ in that alone).
+            if change.starts_with("model.kind ") {
+                continue;
+            }
             table.push(row("", change, group, Some(base_mean))?);
             rows += 1;
         }
