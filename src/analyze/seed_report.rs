@@ -107,14 +107,15 @@ fn ablation(configs: &[SeedGroup], all: &[RunInfo]) -> Result<String> {
             None,
         )?);
         for group in candidates.iter().filter(|g| g.runs.len() >= 2) {
-            let [change] = &seeds::changes(&base, &seeds::experiment(group.runs[0]))[..] else {
-                continue;
-            };
+            let variant = seeds::experiment(group.runs[0]);
             // Another architecture is another config, not this one with a
             // technique turned off (two best configs can differ in that alone).
-            if change.starts_with("model.kind ") {
+            if variant.get("model.kind") != base.get("model.kind") {
                 continue;
             }
+            let [change] = &seeds::changes(&base, &variant)[..] else {
+                continue;
+            };
             table.push(row("", change, group, Some(base_mean))?);
             rows += 1;
         }

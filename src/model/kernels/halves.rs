@@ -270,11 +270,11 @@ static HANDED_OVER: AtomicU64 = AtomicU64::new(0);
 
 /// Keeps the second half's thread awake, for up to 2 ms, until the batch after
 /// the `handed`-th hands it a half (if that happened already, it returns at
-/// once: the half waits in the pool's queue behind this). Between two batches the first half's thread runs the
-/// optimiser and fetches the batch (~50-100 µs); a thread left to sleep in
-/// that gap costs each step two wake-ups of ~20 µs (CustomMLP, batch 64:
-/// 200k -> 270k images/s awake). Spins first, then yields the core to any
-/// thread that wants it.
+/// once: the half waits in the pool's queue behind this). Between two batches
+/// the first half's thread runs the optimiser and fetches the batch (~50-100
+/// µs); a thread left to sleep in that gap costs each step two wake-ups of
+/// ~20 µs (CustomMLP, batch 64: 200k -> 270k images/s awake). Spins first,
+/// then yields the core to any thread that wants it.
 fn keep_warm(handed: u64) {
     const SPIN: Duration = Duration::from_micros(30);
     const LIMIT: Duration = Duration::from_millis(2);

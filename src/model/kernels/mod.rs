@@ -229,7 +229,8 @@ pub fn map_on_both_threads<T: Send>(count: usize, item: impl Fn(usize) -> T + Sy
 
 /// Runs `pass(0)` and `pass(1)`, the two halves of a batch, each on a thread
 /// of its own, meeting at every BatchNorm to add their sums (see `halves`);
-/// with one kernel thread they take turns. Call it from outside [`install`].
+/// with one kernel thread they take turns. Call it from the training thread
+/// ([`on_training_thread`]) or from outside [`install`].
 pub fn run_halves<R: Send>(pass: impl Fn(usize) -> R + Sync) -> (R, R) {
     halves::run(pool().current_num_threads() < 2, pass)
 }
