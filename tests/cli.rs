@@ -66,7 +66,7 @@ fn lenet5_trains_on_a_subset_and_writes_a_complete_run() {
         vec![1, 2, 3]
     );
     assert!(metrics[2].train_loss < metrics[0].train_loss, "{metrics:?}");
-    let best = metrics.iter().map(|m| m.val_acc).fold(0.0, f64::max);
+    let best = metrics.iter().filter_map(|m| m.val_acc).fold(0.0, f64::max);
     // summary.json rounds its figures to six decimals.
     assert!((summary.best_val_acc.unwrap() - best).abs() < 1e-6);
     assert!(summary.hparams["optimizer.lr"] == 0.05 && summary.hparams["model.kind"] == "lenet5");
@@ -192,6 +192,60 @@ fn regularised_mlp_trains_and_repeats_exactly_with_a_seed() {
             .collect()
     };
     assert_eq!(losses(&a), losses(&b));
+}
+
+/// `data.validation_size = 0` trains on every training image: no validation
+/// figures, and the last epoch is the model that is tested and kept.
+#[test]
+fn training_on_every_image_keeps_the_last_epoch() {
+    let runs = tempfile::tempdir().unwrap();
+    let config = config_path("custom_mlp.toml");
+    let mut args = vec![
+        "run",
+        &config,
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "data.train_size=4000",
+        "--set",
+        "data.test_size=2000",
+        "--set",
+        "data.validation_size=0",
+        "--set",
+        "optimizer.kind=adamw",
+        "--set",
+        "optimizer.lr=0.003",
+        "--set",
+        "model.batch_norm=true",
+    ];
+    assert_success(&mnist_lab(&args, runs.path()));
+    let run = only_run(runs.path());
+    let summary = rundir::read_summary(&run.join(rundir::SUMMARY_FILE)).unwrap();
+    assert_eq!(summary.status, Status::Completed);
+    assert_eq!((summary.best_epoch, summary.best_val_acc), (Some(3), None));
+    assert!(summary.test_acc.unwrap() > 0.8, "{summary:?}");
+    let metrics = mnist_lab::run::metrics::read_metrics(&run.join(rundir::METRICS_FILE)).unwrap();
+    assert_eq!(metrics.len(), 3);
+    assert!(
+        metrics
+            .iter()
+            .all(|m| m.val_acc.is_none() && m.val_loss.is_none())
+    );
+    let bytes = |file: &str| std::fs::read(run.join(file)).unwrap();
+    assert_eq!(
+        bytes(rundir::BEST_CHECKPOINT),
+        bytes(rundir::LAST_CHECKPOINT)
+    );
+    assert!(run.join(rundir::PLOTS_DIR).join("curves.png").exists());
+
+    // Early stopping has nothing to watch without a validation split.
+    args.extend(["--set", "train.early_stopping=2"]);
+    let refused = tempfile::tempdir().unwrap();
+    let output = mnist_lab(&args, refused.path());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("train.early_stopping"), "{stderr}");
+    assert_eq!(std::fs::read_dir(refused.path()).unwrap().count(), 0);
 }
 
 #[test]

@@ -78,8 +78,8 @@ fn learned_metrics(run: &Path) -> Vec<[f64; 6]> {
                 m.epoch as f64,
                 m.train_loss,
                 m.train_acc,
-                m.val_loss,
-                m.val_acc,
+                m.val_loss.expect("a validation split"),
+                m.val_acc.expect("a validation split"),
                 m.lr,
             ]
         })

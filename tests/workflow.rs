@@ -456,6 +456,23 @@ fn report_rewrites_the_marked_readme_section_from_runs() {
     assert_eq!(std::fs::read_to_string(&readme).unwrap(), before);
 }
 
+/// Runs `report` for `configs` over `runs` into a README in `work` (its images
+/// into `work/docs/results`) and returns the README's text.
+fn report_into_readme(work: &Path, configs: &Path, runs: &Path) -> String {
+    let readme = work.join("README.md");
+    std::fs::write(&readme, "# r\n<!-- report:begin -->\n<!-- report:end -->\n").unwrap();
+    assert_success(&run_binary(&[
+        "report",
+        "--configs",
+        configs.to_str().unwrap(),
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--readme",
+        readme.to_str().unwrap(),
+    ]));
+    std::fs::read_to_string(&readme).unwrap()
+}
+
 /// `report` over a config trained once and a config trained with two seeds (in
 /// a nested folder, as `just seeds` leaves them), and that config again with one
 /// setting changed: one row in the results table, one row over seeds with both
@@ -500,18 +517,7 @@ fn report_shows_single_runs_and_seed_groups() {
         "--runs-dir",
         seeds.to_str().unwrap(),
     ]));
-    let readme = work.path().join("README.md");
-    std::fs::write(&readme, "# r\n<!-- report:begin -->\n<!-- report:end -->\n").unwrap();
-    assert_success(&run_binary(&[
-        "report",
-        "--configs",
-        configs.to_str().unwrap(),
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--readme",
-        readme.to_str().unwrap(),
-    ]));
-    let text = std::fs::read_to_string(&readme).unwrap();
+    let text = report_into_readme(work.path(), &configs, &runs);
     let row = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(&format!("| `{name}`")))
@@ -552,4 +558,66 @@ fn report_shows_single_runs_and_seed_groups() {
             "{image}"
         );
     }
+}
+
+/// `report` over a config trained on every image (`data.validation_size = 0`):
+/// its ablation shows no gap of its own, then its held-out twin, then a change
+/// measured against that twin; the curves over seeds are the twin's.
+#[test]
+fn report_measures_a_config_without_validation_against_its_held_out_twin() {
+    let work = tempfile::tempdir().unwrap();
+    let configs = work.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(
+        configs.join("mlp_full.toml"),
+        "name = \"mlp_full\"\n[model]\nkind = \"custom_mlp\"\n\
+         [data]\ntrain_size = 1000\nvalidation_size = 0\n[train]\nepochs = 1\n",
+    )
+    .unwrap();
+    let runs = work.path().join("runs");
+    let config = configs.join("mlp_full.toml");
+    let sweep = |extra: &[&str]| {
+        let mut args = vec![
+            "sweep",
+            config.to_str().unwrap(),
+            "--set",
+            "seed=0,1",
+            "--runs-dir",
+            runs.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        assert_success(&run_binary(&args));
+    };
+    sweep(&[]);
+    sweep(&["--set", "data.validation_size=500"]);
+    sweep(&[
+        "--set",
+        "data.validation_size=500",
+        "--set",
+        "optimizer.momentum=0.5",
+    ]);
+    let text = report_into_readme(work.path(), &configs, &runs);
+    let ablation: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("| config | change |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(ablation.len(), 3, "{text}");
+    assert!(
+        ablation[0].contains("as it is") && ablation[0].ends_with("| - |"),
+        "{}",
+        ablation[0]
+    );
+    assert!(
+        ablation[1].contains("data.validation_size = 500") && ablation[1].ends_with(" points |"),
+        "{}",
+        ablation[1]
+    );
+    assert!(
+        ablation[2].contains("optimizer.momentum = 0.5"),
+        "{}",
+        ablation[2]
+    );
+    assert!(work.path().join("docs/results/over-seeds.png").is_file());
 }

@@ -48,27 +48,27 @@ pub fn load(runs: Vec<RunInfo>) -> Result<Vec<Curves>> {
 
 /// Validation accuracy and validation loss per epoch, one line per run.
 pub fn validation_charts(curves: &[Curves]) -> [Chart; 2] {
-    let series = |value: fn(&EpochMetrics) -> f64| {
+    // A run trained without a validation split has no line here.
+    let series = |value: fn(&EpochMetrics) -> Option<f64>| {
         curves
             .iter()
             .enumerate()
             .map(|(i, c)| Series {
                 label: c.label.clone(),
                 color: PALETTE[i % PALETTE.len()],
-                points: c
-                    .metrics
-                    .iter()
-                    .map(|m| (m.epoch as f64, value(m)))
+                points: (c.metrics.iter())
+                    .filter_map(|m| Some((m.epoch as f64, value(m)?)))
                     .collect(),
                 band: Vec::new(),
             })
+            .filter(|s| !s.points.is_empty())
             .collect()
     };
     [
         Chart {
             title: "Validation accuracy".into(),
             y_label: "accuracy (%)".into(),
-            series: series(|m| 100.0 * m.val_acc),
+            series: series(|m| m.val_acc.map(|a| 100.0 * a)),
             legend: SeriesLabelPosition::LowerRight,
             marker: None,
         },
@@ -104,7 +104,7 @@ pub fn table(curves: &[Curves]) -> Table {
             percent(s.best_val_acc),
             percent(s.test_acc),
             percent(last.map(|m| m.train_acc)),
-            percent(last.map(|m| m.val_acc)),
+            percent(last.and_then(|m| m.val_acc)),
             mean_epoch_secs(&c.metrics).map_or("-".into(), |t| format!("{t:.2}")),
             format!("{:.0}s", s.wall_secs),
         ]);

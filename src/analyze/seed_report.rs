@@ -31,21 +31,60 @@ pub fn section(
             runs: runs.iter().collect(),
         })
         .collect();
+    let candidates = seeds::seed_groups(all);
+    // A config trained on every image shows the curves of its held-out twin.
+    let charted: Vec<SeedGroup> = groups
+        .iter()
+        .map(|g| match held_out_twin(g, &candidates) {
+            Some(twin) => SeedGroup {
+                label: format!("{} (held out)", g.label),
+                changes: Vec::new(),
+                runs: twin.runs.clone(),
+            },
+            None => SeedGroup {
+                label: g.label.clone(),
+                changes: Vec::new(),
+                runs: g.runs.clone(),
+            },
+        })
+        .collect();
     let (path, href) = asset("over-seeds.png");
-    plots::write_png(&path, &seeds::group_charts(&groups)?)?;
+    plots::write_png(&path, &seeds::group_charts(&charted)?)?;
     let mut markdown = format!(
         "### Over seeds\n\n\
          The configs run with several seeds (`just seeds`): the latest run of each \
-         seed, its test accuracy measured once at its best validation epoch; the \
-         spread is the sample standard deviation, and a lead smaller than about \
-         twice it is noise.\n\n{}\n\
-         Validation curves over the seeds, mean in a band of one standard deviation:\n\n\
+         seed, its test accuracy measured once at its best validation epoch (at its \
+         last epoch where the config trains on all 60,000 images, \
+         `data.validation_size = 0`); the spread is the sample standard deviation, \
+         and a lead smaller than about twice it is noise.\n\n{}\n\
+         Validation curves over the seeds, mean in a band of one standard deviation \
+         (for a config trained on all 60,000 images, the same settings with images \
+         held out: \"held out\"):\n\n\
          ![validation curves over seeds]({href})\n\n",
         seeds_table(over_seeds).to_markdown()
     );
-    markdown += &ablation(&groups, all)?;
+    markdown += &ablation(&groups, &candidates)?;
     Ok(markdown)
 }
+
+/// For a config that trains on every image (`data.validation_size = 0`), the
+/// runs of the same settings with images held out, over two seeds or more:
+/// what shows its validation curves and its train/validation gap.
+fn held_out_twin<'a, 'r>(
+    config: &SeedGroup,
+    candidates: &'a [SeedGroup<'r>],
+) -> Option<&'a SeedGroup<'r>> {
+    let base = seeds::experiment(config.runs[0]);
+    if base.get(VALIDATION_SIZE) != Some(&serde_json::Value::from(0)) {
+        return None;
+    }
+    candidates.iter().filter(|g| g.runs.len() >= 2).find(|g| {
+        let changes = seeds::changes(&base, &seeds::experiment(g.runs[0]));
+        matches!(&changes[..], [change] if change.starts_with(VALIDATION_SIZE))
+    })
+}
+
+const VALIDATION_SIZE: &str = "data.validation_size";
 
 fn seeds_table(over_seeds: &[(String, Vec<RunInfo>)]) -> Table {
     let mut table = Table::new(&[
@@ -85,9 +124,11 @@ fn test_accuracies<'a>(runs: impl Iterator<Item = &'a RunInfo>) -> Vec<f64> {
 }
 
 /// One row per config and per setting changed from it, where runs over two
-/// seeds or more exist with exactly that one change; empty where none do.
-fn ablation(configs: &[SeedGroup], all: &[RunInfo]) -> Result<String> {
-    let candidates = seeds::seed_groups(all);
+/// seeds or more exist with exactly that one change; empty where none do. A
+/// config trained on every image is followed by its held-out twin, and the
+/// changes below it are measured against that twin (the gap needs held-out
+/// images).
+fn ablation(configs: &[SeedGroup], candidates: &[SeedGroup]) -> Result<String> {
     let mut table = Table::new(&[
         "config",
         "change",
@@ -99,24 +140,46 @@ fn ablation(configs: &[SeedGroup], all: &[RunInfo]) -> Result<String> {
     let mut rows = 0;
     for config in configs {
         let base = seeds::experiment(config.runs[0]);
-        let base_mean = seeds::mean_std(&test_accuracies(config.runs.iter().copied())).0;
+        let mean_test = |g: &SeedGroup| seeds::mean_std(&test_accuracies(g.runs.iter().copied())).0;
         table.push(row(
             &format!("`{}`", config.label),
             "as it is",
             config,
             None,
         )?);
+        let config_mean = mean_test(config);
+        let twin = held_out_twin(config, candidates);
+        let mut reference = (base.clone(), config_mean);
+        if let Some(twin) = twin {
+            let change = format!(
+                "{VALIDATION_SIZE} = {}",
+                seeds::experiment(twin.runs[0])[VALIDATION_SIZE]
+            );
+            table.push(row("", &change, twin, Some(config_mean))?);
+            reference = (seeds::experiment(twin.runs[0]), mean_test(twin));
+            rows += 1;
+        }
         for group in candidates.iter().filter(|g| g.runs.len() >= 2) {
             let variant = seeds::experiment(group.runs[0]);
             // Another architecture is another config, not this one with a
             // technique turned off (two best configs can differ in that alone).
-            if variant.get("model.kind") != base.get("model.kind") {
+            if variant.get("model.kind") != base.get("model.kind")
+                || variant == base
+                || twin.is_some_and(|t| std::ptr::eq(t, group))
+            {
                 continue;
             }
-            let [change] = &seeds::changes(&base, &variant)[..] else {
-                continue;
+            // One change from the config, or from its held-out twin.
+            let (from_config, from_reference) = (
+                seeds::changes(&base, &variant),
+                seeds::changes(&reference.0, &variant),
+            );
+            let (change, against) = match (&from_config[..], &from_reference[..]) {
+                ([change], _) => (change, config_mean),
+                (_, [change]) => (change, reference.1),
+                _ => continue,
             };
-            table.push(row("", change, group, Some(base_mean))?);
+            table.push(row("", change, group, Some(against))?);
             rows += 1;
         }
     }
@@ -129,7 +192,10 @@ fn ablation(configs: &[SeedGroup], all: &[RunInfo]) -> Result<String> {
          training and validation accuracy at the last epoch, mean over the seeds: \
          what a technique does against overfitting (augmentation, smoothing and \
          BatchNorm's batch statistics lower training accuracy as measured \
-         during the epoch, so a negative gap is not underfitting).\n\n{}\n",
+         during the epoch, so a negative gap is not underfitting). A config that \
+         trains on all 60,000 images has no gap of its own: the row after it is \
+         the same settings with images held out, and the rows below that are \
+         measured against it.\n\n{}\n",
         table.to_markdown()
     ))
 }
@@ -143,8 +209,9 @@ fn row(
     let accuracies = test_accuracies(group.runs.iter().copied());
     let mut gaps = Vec::new();
     for run in &group.runs {
-        if let Some(last) = run.metrics()?.last() {
-            gaps.push(last.train_acc - last.val_acc);
+        let metrics = run.metrics()?;
+        if let Some((train, val)) = metrics.last().and_then(|m| Some((m.train_acc, m.val_acc?))) {
+            gaps.push(train - val);
         }
     }
     let against = base_mean.map_or("-".to_string(), |base| {
@@ -159,6 +226,11 @@ fn row(
         group.runs.len().to_string(),
         seeds::percent_spread(&accuracies),
         against,
-        format!("{:+.2} points", 100.0 * seeds::mean_std(&gaps).0),
+        // No gap to show for runs that held no images out.
+        if gaps.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:+.2} points", 100.0 * seeds::mean_std(&gaps).0)
+        },
     ])
 }

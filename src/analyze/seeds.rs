@@ -112,6 +112,9 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
 
 /// `99.12% ± 0.05`: a mean accuracy and its spread in percentage points.
 pub fn percent_spread(values: &[f64]) -> String {
+    if values.is_empty() {
+        return "-".into();
+    }
     let (mean, std) = mean_std(values);
     format!("{:.2}% ± {:.2}", 100.0 * mean, 100.0 * std)
 }
@@ -128,16 +131,18 @@ pub fn group_charts(groups: &[SeedGroup]) -> Result<[Chart; 2]> {
             .collect::<Result<_>>()?;
         histories.push(runs);
     }
-    let series = |value: fn(&EpochMetrics) -> f64| -> Vec<Series> {
+    // A group trained without a validation split has no curve here.
+    let series = |value: fn(&EpochMetrics) -> Option<f64>| -> Vec<Series> {
         (groups.iter().zip(&histories).enumerate())
             .map(|(i, (group, runs))| spread_series(group, runs, PALETTE[i % PALETTE.len()], value))
+            .filter(|s| !s.points.is_empty())
             .collect()
     };
     Ok([
         Chart {
             title: "Validation accuracy over seeds".into(),
             y_label: "accuracy (%)".into(),
-            series: series(|m| 100.0 * m.val_acc),
+            series: series(|m| m.val_acc.map(|a| 100.0 * a)),
             legend: SeriesLabelPosition::LowerRight,
             marker: None,
         },
@@ -156,12 +161,13 @@ fn spread_series(
     group: &SeedGroup,
     runs: &[Vec<EpochMetrics>],
     color: RGBColor,
-    value: fn(&EpochMetrics) -> f64,
+    value: fn(&EpochMetrics) -> Option<f64>,
 ) -> Series {
     let epochs = runs.iter().map(Vec::len).min().unwrap_or(0);
     let (mut points, mut band) = (Vec::new(), Vec::new());
     for e in 0..epochs {
-        let values: Vec<f64> = runs.iter().map(|run| value(&run[e])).collect();
+        let values: Option<Vec<f64>> = runs.iter().map(|run| value(&run[e])).collect();
+        let Some(values) = values else { continue };
         let (mean, std) = mean_std(&values);
         let x = runs[0][e].epoch as f64;
         points.push((x, mean));

@@ -102,11 +102,17 @@ pub(super) fn print_outcome(outcome: &experiment::RunOutcome) {
     let summary = &outcome.summary;
     println!("run directory: {}", outcome.dir.display());
     if let (Some(acc), Some(loss)) = (summary.test_acc, summary.test_loss) {
+        let epoch = summary.best_epoch.unwrap_or(0);
+        let which = match summary.best_val_acc {
+            Some(_) => format!("best validation epoch {epoch} of {}", summary.epochs),
+            None => format!(
+                "epoch {epoch} of {}, trained on every training image",
+                summary.epochs
+            ),
+        };
         println!(
-            "test accuracy {:.2}% (loss {loss:.4}), best validation epoch {} of {}",
-            100.0 * acc,
-            summary.best_epoch.unwrap_or(0),
-            summary.epochs
+            "test accuracy {:.2}% (loss {loss:.4}), {which}",
+            100.0 * acc
         );
     }
 }

@@ -320,6 +320,21 @@ mod tests {
     }
 
     #[test]
+    fn early_stopping_without_validation_is_refused() {
+        let err = parse(
+            "[data]\nvalidation_size = 0\n[train]\nearly_stopping = 3\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("train.early_stopping") && err.contains("data.validation_size = 0"),
+            "{err}"
+        );
+        assert!(parse("[data]\nvalidation_size = 0\n", &[]).is_ok());
+    }
+
+    #[test]
     fn lenet5_without_padding_is_refused() {
         let err = parse("[data]\npad_to_32 = false\n", &[])
             .unwrap_err()

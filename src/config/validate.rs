@@ -31,6 +31,13 @@ impl Config {
                 "lenet5 needs 32x32 inputs (its third convolution leaves 1x1); set it to true",
             );
         }
+        if self.train.early_stopping > 0 && self.data.validation_size == 0 {
+            return invalid(
+                "train.early_stopping",
+                "expected 0 (off) with data.validation_size = 0: early stopping watches the \
+                 validation accuracy, and no images are held out to measure it",
+            );
+        }
         Ok(())
     }
 }

@@ -38,7 +38,8 @@ pub const MNIST_STD: f32 = 0.3081;
 pub struct DataConfig {
     /// Directory with the four IDX files (`.gz` or raw). Unset: `$MNIST_DIR`, then `data/mnist`.
     pub dir: Option<PathBuf>,
-    /// Images held out of the 60,000 training images for validation (seeded split).
+    /// Images held out of the 60,000 training images for validation (seeded
+    /// split). 0 trains on all 60,000: no validation, the last epoch is the model.
     #[default(5000)]
     pub validation_size: usize,
     /// Train on only this many of the remaining training images (unset: all).
@@ -68,12 +69,6 @@ pub const MAX_SHIFT: usize = 4;
 impl DataConfig {
     /// Range checks of the `[data]` fields.
     pub fn validate(&self) -> std::result::Result<(), InvalidField> {
-        if self.validation_size == 0 {
-            return invalid(
-                "data.validation_size",
-                "expected at least 1 image: validation picks the checkpoint, never the test set",
-            );
-        }
         if self.validation_size >= 60_000 {
             return invalid(
                 "data.validation_size",
@@ -161,7 +156,8 @@ type Result<T> = std::result::Result<T, DataError>;
 #[derive(Debug, Clone)]
 pub struct Datasets {
     pub train: Tensors,
-    pub validation: Tensors,
+    /// `None` with `data.validation_size = 0`.
+    pub validation: Option<Tensors>,
     pub test: Tensors,
     /// Input side (32 when padded, else 28).
     pub side: usize,
@@ -226,7 +222,11 @@ impl Datasets {
             || to_tensors(&mnist.train, &train_idx[..train_len], false),
             || {
                 rayon::join(
-                    || to_tensors(&mnist.train, validation_idx, true),
+                    || {
+                        (!validation_idx.is_empty())
+                            .then(|| to_tensors(&mnist.train, validation_idx, true))
+                            .transpose()
+                    },
                     || to_tensors(&mnist.test, &test_idx, true),
                 )
             },
@@ -246,18 +246,42 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    #[test]
-    fn validation_split_is_seeded_and_disjoint() {
-        let n = 50;
+    /// `n` images in each split, image `i` filled with the byte `i`.
+    fn numbered_mnist(n: usize) -> Mnist {
         let images: Vec<u8> = (0..n * 784).map(|i| (i / 784) as u8).collect();
         let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
-        let mnist = Mnist {
+        Mnist {
             train: Split {
                 images: images.clone(),
                 labels: labels.clone(),
             },
             test: Split { images, labels },
+        }
+    }
+
+    #[test]
+    fn validation_size_zero_trains_on_every_image() {
+        let config = DataConfig {
+            validation_size: 0,
+            ..DataConfig::default()
         };
+        config.validate().unwrap();
+        let data = Datasets::prepare(
+            &numbered_mnist(50),
+            &config,
+            1,
+            &Device::Cpu,
+            PathBuf::new(),
+        )
+        .unwrap();
+        assert!(data.validation.is_none());
+        assert_eq!(data.train.len(), 50);
+    }
+
+    #[test]
+    fn validation_split_is_seeded_and_disjoint() {
+        let n = 50;
+        let mnist = numbered_mnist(n);
         let config = DataConfig {
             validation_size: 10,
             ..DataConfig::default()
@@ -277,13 +301,18 @@ mod tests {
         let a = Datasets::prepare(&mnist, &config, 1, &Device::Cpu, PathBuf::new()).unwrap();
         let b = Datasets::prepare(&mnist, &config, 1, &Device::Cpu, PathBuf::new()).unwrap();
         let c = Datasets::prepare(&mnist, &config, 2, &Device::Cpu, PathBuf::new()).unwrap();
-        assert_eq!(a.validation.len(), 10);
+        let (a_val, b_val, c_val) = (
+            a.validation.as_ref().unwrap(),
+            b.validation.as_ref().unwrap(),
+            c.validation.as_ref().unwrap(),
+        );
+        assert_eq!(a_val.len(), 10);
         assert_eq!(a.train.len(), 40);
-        assert_eq!(first_pixel(&a.validation), first_pixel(&b.validation));
-        assert_ne!(first_pixel(&a.validation), first_pixel(&c.validation));
+        assert_eq!(first_pixel(a_val), first_pixel(b_val));
+        assert_ne!(first_pixel(a_val), first_pixel(c_val));
         let mut all: Vec<i64> = first_pixel(&a.train)
             .into_iter()
-            .chain(first_pixel(&a.validation))
+            .chain(first_pixel(a_val))
             .map(|p| ((p * MNIST_STD + MNIST_MEAN) * 255.0).round() as i64)
             .collect();
         all.sort();

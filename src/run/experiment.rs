@@ -172,7 +172,7 @@ fn load_data(
     tracing::info!(
         dir = %data.dir.display(),
         train = data.train.len(),
-        validation = data.validation.len(),
+        validation = data.validation.as_ref().map_or(0, |v| v.len()),
         test = data.test.len(),
         load_secs = round(started.elapsed().as_secs_f64(), 3),
         "data ready"
@@ -205,7 +205,8 @@ fn train_epochs(
     Ok(())
 }
 
-/// One epoch of training (`epoch` counts from 1), then validation.
+/// One epoch of training (`epoch` counts from 1), then validation where images
+/// are held out.
 fn train_epoch(
     trainer: &mut Trainer,
     data: &Datasets,
@@ -228,20 +229,24 @@ fn train_epoch(
     })?;
     let train_secs = epoch_start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let validation = trainer.validate(&data.validation)?;
+    let validation = match &data.validation {
+        Some(set) => Some(trainer.validate(set)?),
+        None => None,
+    };
     Ok(EpochMetrics {
         epoch,
         train_loss: train.loss,
         train_acc: train.accuracy,
-        val_loss: validation.loss,
-        val_acc: validation.accuracy,
+        val_loss: validation.map(|v| v.loss),
+        val_acc: validation.map(|v| v.accuracy),
         lr,
         epoch_secs: epoch_start.elapsed().as_secs_f64(),
         images_per_sec: data.train.len() as f64 / train_secs,
     })
 }
 
-/// The test set, touched once, by the weights of the best validation epoch.
+/// The test set, touched once, by the weights of the best validation epoch
+/// (the last epoch's when no images are held out).
 fn test_best_epoch(trainer: &Trainer, run: &RunDir, data: &Datasets) -> Result<Score, RunError> {
     checkpoint::load(&trainer.varmap, &run.file(rundir::BEST_CHECKPOINT))?;
     Ok(trainer.evaluate(&data.test)?)

@@ -45,8 +45,9 @@ epoch_metrics! {
     /// Mean loss over the epoch's training batches (dropout and augmentation on).
     train_loss: f64, Some(5);
     train_acc: f64, Some(5);
-    val_loss: f64, Some(5);
-    val_acc: f64, Some(5);
+    /// `None` (an empty cell) when no images are held out (`data.validation_size = 0`).
+    val_loss: Option<f64>, Some(5);
+    val_acc: Option<f64>, Some(5);
     /// The learning rate at the start of the epoch.
     lr: f64, None;
     /// Training and validation.
@@ -57,16 +58,23 @@ epoch_metrics! {
 
 impl EpochMetrics {
     /// `epoch  3/20  loss 0.0410/0.0380  acc 98.71%/98.90%  lr 0.0100  4.1 s  13.4k img/s`:
-    /// train/validation pairs, in percents where the rest of the tool shows percents.
+    /// train/validation pairs, in percents where the rest of the tool shows percents
+    /// (the training figure alone when no images are held out).
     pub fn console_line(&self, epochs: usize) -> String {
         let width = epochs.to_string().len();
+        let (loss, acc) = match self.val_loss.zip(self.val_acc) {
+            Some((val_loss, val_acc)) => (
+                format!("{:.4}/{val_loss:.4}", self.train_loss),
+                format!("{:.2}%/{:.2}%", 100.0 * self.train_acc, 100.0 * val_acc),
+            ),
+            None => (
+                format!("{:.4}", self.train_loss),
+                format!("{:.2}%", 100.0 * self.train_acc),
+            ),
+        };
         format!(
-            "epoch {:>width$}/{epochs}  loss {:.4}/{:.4}  acc {:.2}%/{:.2}%  lr {:.4}  {:.1} s  {} img/s",
+            "epoch {:>width$}/{epochs}  loss {loss}  acc {acc}  lr {:.4}  {:.1} s  {} img/s",
             self.epoch,
-            self.train_loss,
-            self.val_loss,
-            100.0 * self.train_acc,
-            100.0 * self.val_acc,
             self.lr,
             self.epoch_secs,
             short_count(self.images_per_sec),
@@ -97,6 +105,12 @@ impl ForLog for usize {
 impl ForLog for f64 {
     fn for_log(self, decimals: Option<i32>) -> f64 {
         decimals.map_or(self, |d| round(self, d))
+    }
+}
+
+impl ForLog for Option<f64> {
+    fn for_log(self, decimals: Option<i32>) -> Option<f64> {
+        self.map(|v| v.for_log(decimals))
     }
 }
 
@@ -166,8 +180,8 @@ mod tests {
             epoch: 1,
             train_loss: 0.5,
             train_acc: 0.8,
-            val_loss: 0.4,
-            val_acc: 0.85,
+            val_loss: Some(0.4),
+            val_acc: Some(0.85),
             lr: 0.01,
             epoch_secs: 2.0,
             images_per_sec: 1000.0,
@@ -175,7 +189,24 @@ mod tests {
         std::fs::write(&path, metrics_csv(std::slice::from_ref(&row))).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with(&format!("{HEADER}\n")), "{text}");
-        assert_eq!(read_metrics(&path).unwrap(), vec![row]);
+        assert_eq!(read_metrics(&path).unwrap(), vec![row.clone()]);
+        // Without a validation split the validation cells are empty.
+        let unvalidated = EpochMetrics {
+            val_loss: None,
+            val_acc: None,
+            ..row
+        };
+        std::fs::write(&path, metrics_csv(std::slice::from_ref(&unvalidated))).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with("\n1,0.5,0.8,,,0.01,2.0,1000.0\n"), "{text}");
+        assert_eq!(read_metrics(&path).unwrap(), vec![unvalidated.clone()]);
+        assert!(
+            unvalidated
+                .console_line(20)
+                .contains("loss 0.5000  acc 80.00%  lr"),
+            "{}",
+            unvalidated.console_line(20)
+        );
     }
 
     #[test]
@@ -186,7 +217,7 @@ mod tests {
         let rows = read_metrics(&path).unwrap();
         assert_eq!(
             (rows[0].epoch, rows[0].train_loss, rows[0].val_acc),
-            (3, 0.25, 0.5)
+            (3, 0.25, Some(0.5))
         );
         assert_eq!(rows[0].images_per_sec, 0.0);
         std::fs::write(&path, "epoch,val_acc\nthree,0.5\n").unwrap();

@@ -7,38 +7,45 @@ use crate::run::rundir::RunDir;
 use crate::util::plots::{Chart, PALETTE, PlotError, Series, write_png};
 
 /// The loss and accuracy charts of one run: train against validation per epoch,
-/// with the best validation epoch (the one `model.safetensors` holds) marked.
+/// with the best validation epoch (the one `model.safetensors` holds) marked;
+/// the training curves alone when no images were held out.
 pub fn run_charts(name: &str, metrics: &[EpochMetrics]) -> (Chart, Chart) {
     let best = metrics
         .iter()
+        .filter(|m| m.val_acc.is_some())
         .fold(None::<&EpochMetrics>, |best, m| match best {
             Some(b) if b.val_acc >= m.val_acc => Some(b),
             _ => Some(m),
         })
         .map(|m| (m.epoch as f64, format!("best: epoch {}", m.epoch)));
-    let line = |label: &str, color, value: fn(&EpochMetrics) -> f64| Series {
+    let line = |label: &str, color, value: fn(&EpochMetrics) -> Option<f64>| Series {
         label: label.to_string(),
         color,
-        points: metrics.iter().map(|m| (m.epoch as f64, value(m))).collect(),
+        points: (metrics.iter())
+            .filter_map(|m| Some((m.epoch as f64, value(m)?)))
+            .collect(),
         band: Vec::new(),
     };
+    let measured = |series: Vec<Series>| series.into_iter().filter(|s| !s.points.is_empty());
     let loss = Chart {
         title: format!("{name}: loss"),
         y_label: "cross-entropy loss".into(),
-        series: vec![
-            line("train", PALETTE[0], |m| m.train_loss),
+        series: measured(vec![
+            line("train", PALETTE[0], |m| Some(m.train_loss)),
             line("validation", PALETTE[1], |m| m.val_loss),
-        ],
+        ])
+        .collect(),
         legend: SeriesLabelPosition::UpperRight,
         marker: best.clone(),
     };
     let accuracy = Chart {
         title: format!("{name}: accuracy"),
         y_label: "accuracy (%)".into(),
-        series: vec![
-            line("train", PALETTE[0], |m| 100.0 * m.train_acc),
-            line("validation", PALETTE[1], |m| 100.0 * m.val_acc),
-        ],
+        series: measured(vec![
+            line("train", PALETTE[0], |m| Some(100.0 * m.train_acc)),
+            line("validation", PALETTE[1], |m| m.val_acc.map(|a| 100.0 * a)),
+        ])
+        .collect(),
         legend: SeriesLabelPosition::LowerRight,
         marker: best,
     };
@@ -70,8 +77,8 @@ mod tests {
                 epoch,
                 train_loss: 1.0 / epoch as f64,
                 train_acc: 0.9 + 0.01 * epoch as f64,
-                val_loss: 1.2 / epoch as f64,
-                val_acc: 0.88 + 0.01 * epoch as f64,
+                val_loss: Some(1.2 / epoch as f64),
+                val_acc: Some(0.88 + 0.01 * epoch as f64),
                 lr: 0.01,
                 epoch_secs: 1.0,
                 images_per_sec: 100.0,
@@ -93,5 +100,21 @@ mod tests {
         );
         // A single epoch still plots.
         write_run_plots(&run, "p", &metrics[..1]).unwrap();
+    }
+
+    #[test]
+    fn without_validation_only_training_curves_and_no_best_mark() {
+        let metrics = vec![EpochMetrics {
+            epoch: 1,
+            train_loss: 0.5,
+            train_acc: 0.9,
+            ..EpochMetrics::default()
+        }];
+        let (loss, accuracy) = run_charts("p", &metrics);
+        for chart in [&loss, &accuracy] {
+            let labels: Vec<&str> = chart.series.iter().map(|s| s.label.as_str()).collect();
+            assert_eq!(labels, ["train"]);
+            assert!(chart.marker.is_none());
+        }
     }
 }

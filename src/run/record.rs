@@ -28,7 +28,8 @@ pub struct EpochEnd<'a> {
     pub history: &'a [EpochMetrics],
     /// The summary, already counting this epoch.
     pub summary: &'a Summary,
-    /// Whether this epoch has the best validation accuracy so far.
+    /// Whether this epoch has the best validation accuracy so far (every
+    /// epoch does when no images are held out: the last is the model).
     pub improved: bool,
     pub trainer: &'a Trainer,
 }
@@ -44,7 +45,8 @@ pub trait Recorder {
     }
 }
 
-/// `model.safetensors` (the best validation epoch) and `last.safetensors`.
+/// `model.safetensors` (the best validation epoch; the last without a
+/// validation split) and `last.safetensors`.
 pub struct Checkpoints;
 
 impl Recorder for Checkpoints {
@@ -160,9 +162,11 @@ impl TensorBoard {
         for m in &self.history {
             (wall_time, step) = (wall_time + m.epoch_secs, m.epoch);
             point("loss/train", step, wall_time, m.train_loss);
-            point("loss/validation", step, wall_time, m.val_loss);
             point("accuracy/train", step, wall_time, m.train_acc);
-            point("accuracy/validation", step, wall_time, m.val_acc);
+            if let Some((loss, accuracy)) = m.val_loss.zip(m.val_acc) {
+                point("loss/validation", step, wall_time, loss);
+                point("accuracy/validation", step, wall_time, accuracy);
+            }
             point("learning_rate", step, wall_time, m.lr);
             point("images_per_sec", step, wall_time, m.images_per_sec);
             point("epoch_secs", step, wall_time, m.epoch_secs);
@@ -366,12 +370,12 @@ impl RunRecord {
         if let Some(diverged) = divergence(&metrics, self.history.first(), self.peak_lr) {
             return Err(diverged.into());
         }
-        let improved = self
-            .summary
-            .best_val_acc
-            .is_none_or(|best| metrics.val_acc > best);
+        let improved = match metrics.val_acc {
+            Some(acc) => self.summary.best_val_acc.is_none_or(|best| acc > best),
+            None => true,
+        };
         if improved {
-            self.summary.best_val_acc = Some(metrics.val_acc);
+            self.summary.best_val_acc = metrics.val_acc;
             self.summary.best_epoch = Some(metrics.epoch);
         }
         self.summary.epochs_completed = metrics.epoch;
@@ -473,10 +477,22 @@ fn divergence(
     peak_lr: f64,
 ) -> Option<TrainError> {
     let losses = [
-        ("training", metrics.train_loss, first.map(|f| f.train_loss)),
-        ("validation", metrics.val_loss, first.map(|f| f.val_loss)),
+        (
+            "training",
+            Some(metrics.train_loss),
+            first.map(|f| f.train_loss),
+        ),
+        (
+            "validation",
+            metrics.val_loss,
+            first.and_then(|f| f.val_loss),
+        ),
     ];
-    losses.into_iter().find_map(|(what, loss, first)| {
+    // Without a validation split only the training loss is measured.
+    let mut measured = losses
+        .into_iter()
+        .filter_map(|(what, loss, first)| Some((what, loss?, first)));
+    measured.find_map(|(what, loss, first)| {
         let exploded = first.is_some_and(|first| loss > 10.0 * first);
         (!loss.is_finite() || loss > DIVERGED_LOSS || exploded).then_some(TrainError::Diverged {
             epoch: metrics.epoch,
@@ -526,7 +542,7 @@ mod tests {
         EpochMetrics {
             epoch,
             train_loss,
-            val_loss,
+            val_loss: Some(val_loss),
             lr: 0.5,
             ..Default::default()
         }

@@ -78,7 +78,8 @@ pub struct Summary {
     pub best_epoch: Option<usize>,
     #[serde(serialize_with = "six_decimals")]
     pub best_val_acc: Option<f64>,
-    /// Test-set figures of `model.safetensors` (the best validation epoch).
+    /// Test-set figures of `model.safetensors` (the best validation epoch, or
+    /// the last without a validation split).
     #[serde(serialize_with = "six_decimals")]
     pub test_loss: Option<f64>,
     #[serde(serialize_with = "six_decimals")]
