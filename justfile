@@ -46,7 +46,7 @@ gpu-check:
 fuzz CASES="20000":
     PROPTEST_CASES={{CASES}} cargo test --release --test fuzz
 
-# The ablation: each best config over seeds 0-2, then with one technique off at a time (~45 min).
+# The ablation: each best config over seeds 0-2, then held out, then with one technique off at a time (~45 min).
 ablation *CONFIGS:
     bash scripts/ablation.sh {{CONFIGS}}
 
