@@ -139,49 +139,7 @@ fn ablation(configs: &[SeedGroup], candidates: &[SeedGroup]) -> Result<String> {
     ]);
     let mut rows = 0;
     for config in configs {
-        let base = seeds::experiment(config.runs[0]);
-        let mean_test = |g: &SeedGroup| seeds::mean_std(&test_accuracies(g.runs.iter().copied())).0;
-        table.push(row(
-            &format!("`{}`", config.label),
-            "as it is",
-            config,
-            None,
-        )?);
-        let config_mean = mean_test(config);
-        let twin = held_out_twin(config, candidates);
-        let mut reference = (base.clone(), config_mean);
-        if let Some(twin) = twin {
-            let change = format!(
-                "{VALIDATION_SIZE} = {}",
-                seeds::experiment(twin.runs[0])[VALIDATION_SIZE]
-            );
-            table.push(row("", &change, twin, Some(config_mean))?);
-            reference = (seeds::experiment(twin.runs[0]), mean_test(twin));
-            rows += 1;
-        }
-        for group in candidates.iter().filter(|g| g.runs.len() >= 2) {
-            let variant = seeds::experiment(group.runs[0]);
-            // Another architecture is another config, not this one with a
-            // technique turned off (two best configs can differ in that alone).
-            if variant.get("model.kind") != base.get("model.kind")
-                || variant == base
-                || twin.is_some_and(|t| std::ptr::eq(t, group))
-            {
-                continue;
-            }
-            // One change from the config, or from its held-out twin.
-            let (from_config, from_reference) = (
-                seeds::changes(&base, &variant),
-                seeds::changes(&reference.0, &variant),
-            );
-            let (change, against) = match (&from_config[..], &from_reference[..]) {
-                ([change], _) => (change, config_mean),
-                (_, [change]) => (change, reference.1),
-                _ => continue,
-            };
-            table.push(row("", change, group, Some(against))?);
-            rows += 1;
-        }
+        rows += push_config_rows(&mut table, config, candidates)?;
     }
     if rows == 0 {
         return Ok(String::new());
@@ -198,6 +156,59 @@ fn ablation(configs: &[SeedGroup], candidates: &[SeedGroup]) -> Result<String> {
          measured against it.\n\n{}\n",
         table.to_markdown()
     ))
+}
+
+/// `config`'s rows: as it is, its held-out twin if it has one, then each group
+/// of `candidates` one change away from it or from the twin. Returns how many
+/// rows besides "as it is" it pushed.
+fn push_config_rows(
+    table: &mut Table,
+    config: &SeedGroup,
+    candidates: &[SeedGroup],
+) -> Result<usize> {
+    let mean_test = |g: &SeedGroup| seeds::mean_std(&test_accuracies(g.runs.iter().copied())).0;
+    let base = seeds::experiment(config.runs[0]);
+    let config_mean = mean_test(config);
+    table.push(row(
+        &format!("`{}`", config.label),
+        "as it is",
+        config,
+        None,
+    )?);
+    let mut rows = 0;
+    let twin = held_out_twin(config, candidates);
+    // What a change is measured against: the twin where there is one.
+    let mut reference = (base.clone(), config_mean);
+    if let Some(twin) = twin {
+        let twin_hparams = seeds::experiment(twin.runs[0]);
+        let change = format!("{VALIDATION_SIZE} = {}", twin_hparams[VALIDATION_SIZE]);
+        table.push(row("", &change, twin, Some(config_mean))?);
+        reference = (twin_hparams, mean_test(twin));
+        rows += 1;
+    }
+    for group in candidates.iter().filter(|g| g.runs.len() >= 2) {
+        let variant = seeds::experiment(group.runs[0]);
+        // Another architecture is another config, not this one with a
+        // technique turned off (two best configs can differ in that alone).
+        if variant.get("model.kind") != base.get("model.kind")
+            || variant == base
+            || twin.is_some_and(|t| std::ptr::eq(t, group))
+        {
+            continue;
+        }
+        let (from_config, from_reference) = (
+            seeds::changes(&base, &variant),
+            seeds::changes(&reference.0, &variant),
+        );
+        let (change, against) = match (&from_config[..], &from_reference[..]) {
+            ([change], _) => (change, config_mean),
+            (_, [change]) => (change, reference.1),
+            _ => continue,
+        };
+        table.push(row("", change, group, Some(against))?);
+        rows += 1;
+    }
+    Ok(rows)
 }
 
 fn row(
