@@ -603,6 +603,11 @@ fn report_measures_a_config_without_validation_against_its_held_out_twin() {
         .skip(2)
         .take_while(|l| l.starts_with('|'))
         .collect();
+    let group = text
+        .lines()
+        .find(|l| l.starts_with("| `mlp_full`"))
+        .unwrap_or_else(|| panic!("no row over seeds in\n{text}"));
+    assert!(group.contains("| none | 0, 1 |"), "{group}");
     assert_eq!(ablation.len(), 3, "{text}");
     assert!(
         ablation[0].contains("as it is") && ablation[0].ends_with("| - |"),

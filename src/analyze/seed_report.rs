@@ -91,6 +91,7 @@ fn seeds_table(over_seeds: &[(String, Vec<RunInfo>)]) -> Table {
         "config",
         "regularisation",
         "parameters",
+        "validation split",
         "seeds",
         "test accuracy per seed",
         "mean ± std",
@@ -108,6 +109,7 @@ fn seeds_table(over_seeds: &[(String, Vec<RunInfo>)]) -> Table {
             format!("`{name}`"),
             runs[0].regularisation(),
             thousands(runs[0].summary.params),
+            held_out(&runs[0]),
             seeds.join(", "),
             (accuracies.iter().map(|&a| percent(Some(a))))
                 .collect::<Vec<_>>()
@@ -117,6 +119,16 @@ fn seeds_table(over_seeds: &[(String, Vec<RunInfo>)]) -> Table {
         ]);
     }
     table
+}
+
+/// How many training images a run held out for validation: `5,000`, or
+/// `none` where it trained on all of them (`data.validation_size = 0`).
+fn held_out(run: &RunInfo) -> String {
+    match run.config.as_ref().map(|c| c.data.validation_size) {
+        Some(0) => "none".into(),
+        Some(n) => thousands(n),
+        None => "?".into(),
+    }
 }
 
 fn test_accuracies<'a>(runs: impl Iterator<Item = &'a RunInfo>) -> Vec<f64> {
