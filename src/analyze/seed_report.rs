@@ -32,20 +32,18 @@ pub fn section(
         })
         .collect();
     let candidates = seeds::seed_groups(all);
+    let twins: Vec<_> = (groups.iter())
+        .map(|g| held_out_twin(g, &candidates))
+        .collect();
     // A config trained on every image shows the curves of its held-out twin.
-    let charted: Vec<SeedGroup> = groups
-        .iter()
-        .map(|g| match held_out_twin(g, &candidates) {
-            Some(twin) => SeedGroup {
-                label: format!("{} (held out)", g.label),
-                changes: Vec::new(),
-                runs: twin.runs.clone(),
+    let charted: Vec<SeedGroup> = (groups.iter().zip(&twins))
+        .map(|(g, twin)| SeedGroup {
+            label: match twin {
+                Some(_) => format!("{} (held out)", g.label),
+                None => g.label.clone(),
             },
-            None => SeedGroup {
-                label: g.label.clone(),
-                changes: Vec::new(),
-                runs: g.runs.clone(),
-            },
+            changes: Vec::new(),
+            runs: twin.as_ref().map_or(&g.runs, |(t, _)| &t.runs).clone(),
         })
         .collect();
     let (path, href) = asset("over-seeds.png");
@@ -63,25 +61,31 @@ pub fn section(
          ![validation curves over seeds]({href})\n\n",
         seeds_table(over_seeds).to_markdown()
     );
-    markdown += &ablation(&groups, &candidates)?;
+    markdown += &ablation(&groups, &twins, &candidates)?;
     Ok(markdown)
 }
 
 /// For a config that trains on every image (`data.validation_size = 0`), the
-/// runs of the same settings with images held out, over two seeds or more:
-/// what shows its validation curves and its train/validation gap.
+/// runs of the same settings with images held out, over two seeds or more,
+/// and that one change (`data.validation_size = 5000`): what shows its
+/// validation curves and its train/validation gap.
 fn held_out_twin<'a, 'r>(
     config: &SeedGroup,
     candidates: &'a [SeedGroup<'r>],
-) -> Option<&'a SeedGroup<'r>> {
+) -> Option<(&'a SeedGroup<'r>, String)> {
     let base = seeds::experiment(config.runs[0]);
     if base.get(VALIDATION_SIZE) != Some(&serde_json::Value::from(0)) {
         return None;
     }
-    candidates.iter().filter(|g| g.runs.len() >= 2).find(|g| {
-        let changes = seeds::changes(&base, &seeds::experiment(g.runs[0]));
-        matches!(&changes[..], [change] if change.starts_with(VALIDATION_SIZE))
-    })
+    candidates
+        .iter()
+        .filter(|g| g.runs.len() >= 2)
+        .find_map(
+            |g| match &seeds::changes(&base, &seeds::experiment(g.runs[0]))[..] {
+                [change] if change.starts_with(VALIDATION_SIZE) => Some((g, change.clone())),
+                _ => None,
+            },
+        )
 }
 
 const VALIDATION_SIZE: &str = "data.validation_size";
@@ -140,7 +144,11 @@ fn test_accuracies<'a>(runs: impl Iterator<Item = &'a RunInfo>) -> Vec<f64> {
 /// config trained on every image is followed by its held-out twin, and the
 /// changes below it are measured against that twin (the gap needs held-out
 /// images).
-fn ablation(configs: &[SeedGroup], candidates: &[SeedGroup]) -> Result<String> {
+fn ablation(
+    configs: &[SeedGroup],
+    twins: &[Option<(&SeedGroup, String)>],
+    candidates: &[SeedGroup],
+) -> Result<String> {
     let mut table = Table::new(&[
         "config",
         "change",
@@ -150,8 +158,11 @@ fn ablation(configs: &[SeedGroup], candidates: &[SeedGroup]) -> Result<String> {
         "train - validation (last epoch)",
     ]);
     let mut rows = 0;
-    for config in configs {
-        rows += push_config_rows(&mut table, config, candidates)?;
+    for (config, twin) in configs.iter().zip(twins) {
+        let twin = twin
+            .as_ref()
+            .map(|(group, change)| (*group, change.as_str()));
+        rows += push_config_rows(&mut table, config, twin, candidates)?;
     }
     if rows == 0 {
         return Ok(String::new());
@@ -170,12 +181,13 @@ fn ablation(configs: &[SeedGroup], candidates: &[SeedGroup]) -> Result<String> {
     ))
 }
 
-/// `config`'s rows: as it is, its held-out twin if it has one, then each group
-/// of `candidates` one change away from it or from the twin. Returns how many
-/// rows besides "as it is" it pushed.
+/// `config`'s rows: as it is, its held-out twin if it has one (see
+/// [`held_out_twin`]), then each group of `candidates` one change away from it
+/// or from the twin. Returns how many rows besides "as it is" it pushed.
 fn push_config_rows(
     table: &mut Table,
     config: &SeedGroup,
+    twin: Option<(&SeedGroup, &str)>,
     candidates: &[SeedGroup],
 ) -> Result<usize> {
     let mean_test = |g: &SeedGroup| seeds::mean_std(&test_accuracies(g.runs.iter().copied())).0;
@@ -188,14 +200,11 @@ fn push_config_rows(
         None,
     )?);
     let mut rows = 0;
-    let twin = held_out_twin(config, candidates);
     // What a change is measured against: the twin where there is one.
     let mut reference = (base.clone(), config_mean);
-    if let Some(twin) = twin {
-        let twin_hparams = seeds::experiment(twin.runs[0]);
-        let change = format!("{VALIDATION_SIZE} = {}", twin_hparams[VALIDATION_SIZE]);
-        table.push(row("", &change, twin, Some(config_mean))?);
-        reference = (twin_hparams, mean_test(twin));
+    if let Some((twin, change)) = twin {
+        table.push(row("", change, twin, Some(config_mean))?);
+        reference = (seeds::experiment(twin.runs[0]), mean_test(twin));
         rows += 1;
     }
     for group in candidates.iter().filter(|g| g.runs.len() >= 2) {
@@ -204,7 +213,7 @@ fn push_config_rows(
         // technique turned off (two best configs can differ in that alone).
         if variant.get("model.kind") != base.get("model.kind")
             || variant == base
-            || twin.is_some_and(|t| std::ptr::eq(t, group))
+            || twin.is_some_and(|(t, _)| std::ptr::eq(t, group))
         {
             continue;
         }
