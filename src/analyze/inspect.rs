@@ -36,7 +36,7 @@ impl RunInfo {
         }
         let mut summary = rundir::read_summary(&summary_path)?;
         // A run whose process is gone is shown as what it is.
-        summary.status = summary.effective_status();
+        summary.status = summary.effective_status(dir);
         let config = Config::load(&dir.join(rundir::CONFIG_FILE), &[]).ok();
         let mut hparams = config
             .as_ref()

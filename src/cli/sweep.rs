@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::cli::UsageError;
+use crate::config;
+use crate::run::owner::{self, OwnerLock};
 use crate::run::sweep::{self, PlannedRun, Shard, SweepRecord, SweepSet};
+use crate::util::fsio::FileError;
 use crate::util::{device, interrupt};
 
 #[derive(Args)]
@@ -45,9 +48,36 @@ pub(super) struct SweepArgs {
 
 impl SweepArgs {
     pub(super) fn execute(self) -> anyhow::Result<()> {
-        if let Some(record_dir) = self.record_to_continue() {
-            return self.continue_record(&record_dir);
+        if let Some(name) = &self.name {
+            config::validate_name(name).map_err(|e| UsageError(format!("--name {e}")))?;
         }
+        let continued = self.record_to_continue();
+        if self.list {
+            return match continued {
+                Some(record_dir) => self.list_record(&record_dir),
+                None => self.start_new(None),
+            };
+        }
+        // One process per record folder: claimed before reading what it records,
+        // so two processes continuing one sweep never train the same run.
+        let folder = match (&self.resume, continued) {
+            (Some(dir), _) => {
+                std::fs::create_dir_all(dir).map_err(FileError::on("create", dir))?;
+                dir.clone()
+            }
+            (None, Some(dir)) => dir,
+            (None, None) => return self.start_new(None),
+        };
+        let owner = owner::claim(&folder, false)?;
+        match folder.join(sweep::RECORD_FILE).is_file() {
+            true => self.continue_record(&folder, owner),
+            false => self.start_new(Some((folder, owner))),
+        }
+    }
+
+    /// Plans the sweep the command line names and runs it into `record` (a
+    /// claimed folder), or into a new folder under the runs directory.
+    fn start_new(&self, record: Option<(PathBuf, OwnerLock)>) -> anyhow::Result<()> {
         let paths = if self.paths.is_empty() {
             vec![PathBuf::from("configs")]
         } else {
@@ -73,16 +103,16 @@ impl SweepArgs {
         }
         let name = self.name.clone().unwrap_or_else(|| sweep_name(&paths));
         let runs_dir = self.runs_dir.clone().unwrap_or_else(|| "runs".into());
-        let record_dir = match &self.resume {
-            Some(dir) => {
-                std::fs::create_dir_all(dir)
-                    .map_err(crate::util::fsio::FileError::on("create", dir))?;
-                dir.clone()
+        let (record_dir, owner) = match record {
+            Some(claimed) => claimed,
+            None => {
+                let dir = sweep::create_record_dir(&runs_dir, &name, self.shard)?;
+                let owner = owner::claim(&dir, false)?;
+                (dir, owner)
             }
-            None => sweep::create_record_dir(&runs_dir, &name, self.shard)?,
         };
         let record = SweepRecord::new(&name, self.shard, total, &mine);
-        self.run_sweep(&mine, record, &record_dir, &runs_dir)
+        self.run_sweep(&mine, record, &record_dir, &runs_dir, owner)
     }
 
     /// The record folder to continue: `--resume DIR` when DIR holds a record, or
@@ -99,8 +129,15 @@ impl SweepArgs {
         }
     }
 
-    /// Runs what a recorded sweep has left, into the same record.
-    fn continue_record(&self, record_dir: &Path) -> anyhow::Result<()> {
+    /// The runs a recorded sweep holds, as `--list` shows them.
+    fn list_record(&self, record_dir: &Path) -> anyhow::Result<()> {
+        let (_, runs) = self.read_record(record_dir)?;
+        print!("{}", sweep::plan_table(&runs, 1).to_text());
+        Ok(())
+    }
+
+    /// A recorded sweep, checked against the command line, and its runs.
+    fn read_record(&self, record_dir: &Path) -> anyhow::Result<(SweepRecord, Vec<PlannedRun>)> {
         let record_path = record_dir.join(sweep::RECORD_FILE);
         let record = SweepRecord::read(&record_path)?;
         self.check_same_sweep(&record, record_dir)?;
@@ -108,15 +145,18 @@ impl SweepArgs {
         for (run, entry) in runs.iter_mut().zip(&record.runs) {
             run.index = entry.index;
         }
-        if self.list {
-            print!("{}", sweep::plan_table(&runs, 1).to_text());
-            return Ok(());
-        }
+        Ok((record, runs))
+    }
+
+    /// Runs what a recorded sweep has left, into the same record.
+    fn continue_record(&self, record_dir: &Path, owner: OwnerLock) -> anyhow::Result<()> {
+        let (record, runs) = self.read_record(record_dir)?;
+        record.check_run_dirs(&record_dir.join(sweep::RECORD_FILE))?;
         let parent = record_dir.parent().unwrap_or(Path::new("."));
         let runs_dir = (self.runs_dir.clone())
             .or_else(|| record.runs_dir.clone())
             .unwrap_or_else(|| parent.to_path_buf());
-        self.run_sweep(&runs, record, record_dir, &runs_dir)
+        self.run_sweep(&runs, record, record_dir, &runs_dir, owner)
     }
 
     /// A command line that names configs (as a requeued Slurm job repeats its
@@ -165,6 +205,7 @@ impl SweepArgs {
         mut record: SweepRecord,
         record_dir: &Path,
         runs_dir: &Path,
+        _owner: OwnerLock,
     ) -> anyhow::Result<()> {
         let first = &runs[0];
         device::set_cpu_threads(self.threads.unwrap_or(first.config.device.threads));
@@ -181,7 +222,7 @@ impl SweepArgs {
             record_path.display()
         );
         let started = std::time::Instant::now();
-        let failed = sweep::execute(runs, &mut record, &record_path, runs_dir)?;
+        let tally = sweep::execute(runs, &mut record, &record_path, runs_dir)?;
         print!("{}", record.table().to_text());
         println!(
             "sweep wall time: {:.1} s; record: {}",
@@ -194,11 +235,20 @@ impl SweepArgs {
                 record_dir.display()
             );
         }
-        if failed > 0 {
+        if tally.failed > 0 {
             anyhow::bail!(
-                "{failed} of {} runs failed (errors in {})",
+                "{} of {} runs failed (errors in {})",
+                tally.failed,
                 runs.len(),
                 record_path.display()
+            );
+        }
+        if !tally.elsewhere.is_empty() {
+            anyhow::bail!(
+                "left to other processes, which train them now: {}; `mnist-lab sweep --resume {}` \
+                 once they end settles the record",
+                tally.elsewhere.join(", "),
+                record_dir.display()
             );
         }
         Ok(())

@@ -6,9 +6,9 @@ use clap::Args;
 
 use crate::cli::{ConfigArgs, UsageError};
 use crate::config::{Config, Override};
-use crate::run::experiment;
 use crate::run::rundir;
 use crate::run::sweep;
+use crate::run::{experiment, resume};
 use crate::util::device;
 
 #[derive(Args)]
@@ -54,27 +54,25 @@ pub(super) struct ResumeArgs {
     /// The run directory to continue.
     run_dir: PathBuf,
     /// Change what a resumed run may change: `train.epochs` (to extend it),
-    /// `device.*`, `data.dir`, `train.eval_batch_size`.
+    /// `train.early_stopping`, `device.*`, `data.dir`, `train.eval_batch_size`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<Override>,
+    /// Take the run even if its owner may be alive, where the file system cannot
+    /// lock and the owner's heartbeat is recent (see the README: lost nodes).
+    #[arg(long)]
+    force: bool,
     /// CPU threads (default: the run's device.threads; 0 = one per core).
     #[arg(long, value_name = "N", value_parser = device::parse_threads)]
     threads: Option<usize>,
 }
 
-/// Whether a resumed run may change `key`: none of these changes what it learns.
-fn resumable(key: &str) -> bool {
-    matches!(key, "train.epochs" | "train.eval_batch_size" | "data.dir")
-        || key.starts_with("device.")
-}
-
 impl ResumeArgs {
     pub(super) fn execute(mut self) -> anyhow::Result<()> {
-        if let Some(changed) = self.set.iter().find(|o| !resumable(&o.key)) {
+        if let Some(changed) = self.set.iter().find(|o| !resume::resumable(&o.key)) {
             return Err(UsageError(format!(
                 "--set {}: a resumed run keeps its settings; only train.epochs, \
-                 train.eval_batch_size, data.dir and device.* may change \
-                 (start a new run to change {})",
+                 train.early_stopping, train.eval_batch_size, data.dir and device.* may \
+                 change (start a new run to change {})",
                 changed.key, changed.key
             ))
             .into());
@@ -91,7 +89,11 @@ impl ResumeArgs {
         let config = Config::load(&self.run_dir.join(rundir::CONFIG_FILE), &self.set);
         let threads = config.map_or(0, |c| c.device.threads);
         device::set_cpu_threads(threads);
-        let outcome = experiment::resume(&self.run_dir, &self.set)?.into_result()?;
+        let options = experiment::ResumeOptions {
+            overrides: self.set,
+            force: self.force,
+        };
+        let outcome = experiment::resume(&self.run_dir, &options)?.into_result()?;
         print_outcome(&outcome);
         Ok(())
     }

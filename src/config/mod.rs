@@ -32,6 +32,7 @@ mod validate;
 
 pub use grid::SweepAxis;
 pub use overrides::{Override, parse_value};
+pub use validate::validate_name;
 
 /// Everything a run needs, as read from a config file plus overrides.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -8,14 +8,8 @@ use crate::util::invalid::{InvalidField, invalid};
 impl Config {
     /// Range and consistency checks; the error names the dotted key.
     pub fn validate(&self) -> Result<(), InvalidField> {
-        if !is_valid_name(&self.name) {
-            return invalid(
-                "name",
-                format!(
-                    "expected letters, digits, '-', '_' or '.', got {:?}",
-                    self.name
-                ),
-            );
+        if let Err(message) = validate_name(&self.name) {
+            return invalid("name", message);
         }
         self.sweep_axes()?;
         self.data.validate()?;
@@ -42,11 +36,18 @@ impl Config {
     }
 }
 
-/// Names become directory names: keep them to a portable character set.
-fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
+/// Names become directory names (a run's, a sweep's record folder): keep them
+/// to a portable character set, with no path separators and no leading dot.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
         && !name.starts_with('.')
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    match valid {
+        true => Ok(()),
+        false => Err(format!(
+            "expected letters, digits, '-', '_' or '.' (not starting with '.'), got {name:?}"
+        )),
+    }
 }

@@ -1,5 +1,6 @@
 //! Reading MNIST's IDX files (gzip or raw) and checking their structure.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
@@ -196,6 +197,18 @@ impl Split {
 
 /// Reads one images/labels pair and checks they agree.
 pub fn read_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<Split> {
+    read_split_hashed(dir, images_stem, labels_stem).map(|(split, _)| split)
+}
+
+/// SHA-256 of each file's decompressed bytes, by stem (`train-images-idx3-ubyte`).
+pub type FileHashes = BTreeMap<String, String>;
+
+/// [`read_split`], with the SHA-256 of the two files' contents.
+fn read_split_hashed(
+    dir: &Path,
+    images_stem: &str,
+    labels_stem: &str,
+) -> Result<(Split, FileHashes)> {
     let missing = |stem: &str| {
         let cause = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file (.gz or raw)");
         DataError::File(FileError::new("read", &dir.join(stem), cause))
@@ -206,7 +219,11 @@ pub fn read_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<Sp
         || read_checked(&images_path, images_stem),
         || read_checked(&labels_path, labels_stem),
     );
-    let (images, labels) = (images?, labels?);
+    let ((images, images_sha), (labels, labels_sha)) = (images?, labels?);
+    let hashes = FileHashes::from([
+        (images_stem.to_string(), images_sha),
+        (labels_stem.to_string(), labels_sha),
+    ]);
     let mismatch = |reason: String| DataError::Mismatch {
         images: images_path.clone(),
         labels: labels_path.clone(),
@@ -236,15 +253,16 @@ pub fn read_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<Sp
             reason: format!("label {} at index {pos}, expected 0..=9", labels.data[pos]),
         });
     }
-    Ok(Split {
+    let split = Split {
         images: images.data,
         labels: labels.data,
-    })
+    };
+    Ok((split, hashes))
 }
 
 /// Reads and parses one IDX file; a hash other than MNIST's is a warning, not an
 /// error, so users' own 28x28 ten-class files train too.
-fn read_checked(path: &Path, stem: &str) -> Result<IdxArray> {
+fn read_checked(path: &Path, stem: &str) -> Result<(IdxArray, String)> {
     let rank = if stem.contains("images") { 3 } else { 1 };
     let (array, sha) = read_idx(open_maybe_gzip(path)?, path, Some(rank))?;
     let expected = MNIST_FILES
@@ -254,7 +272,7 @@ fn read_checked(path: &Path, stem: &str) -> Result<IdxArray> {
     if expected.is_some_and(|expected| sha != expected) {
         tracing::warn!(file = %path.display(), "SHA-256 differs from the published MNIST file; using it anyway");
     }
-    Ok(array)
+    Ok((array, sha))
 }
 
 /// The raw MNIST training and test sets.
@@ -262,6 +280,9 @@ fn read_checked(path: &Path, stem: &str) -> Result<IdxArray> {
 pub struct Mnist {
     pub train: Split,
     pub test: Split,
+    /// The four files' contents, hashed: a run records them, and a resumed run
+    /// warns when it reads other files.
+    pub sha256: FileHashes,
 }
 
 /// The test set's files, read alone where nothing else is needed (`eval`).
@@ -273,12 +294,15 @@ impl Mnist {
     pub fn read(dir: &Path) -> Result<Mnist> {
         // Decompressing and hashing dominate start-up: read both splits at once.
         let (train, test) = rayon::join(
-            || read_split(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-            || read_split(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+            || read_split_hashed(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            || read_split_hashed(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
         );
+        let ((train, mut sha256), (test, test_sha256)) = (train?, test?);
+        sha256.extend(test_sha256);
         Ok(Mnist {
-            train: train?,
-            test: test?,
+            train,
+            test,
+            sha256,
         })
     }
 }

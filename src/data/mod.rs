@@ -163,6 +163,8 @@ pub struct Datasets {
     pub side: usize,
     /// Where the files were read from.
     pub dir: PathBuf,
+    /// The files' contents, hashed (empty for data not read from files).
+    pub sha256: idx::FileHashes,
 }
 
 impl Datasets {
@@ -237,6 +239,7 @@ impl Datasets {
             test: test?,
             side: config.input_side(),
             dir,
+            sha256: mnist.sha256.clone(),
         })
     }
 }
@@ -256,6 +259,7 @@ mod tests {
                 labels: labels.clone(),
             },
             test: Split { images, labels },
+            sha256: Default::default(),
         }
     }
 

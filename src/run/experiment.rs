@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::config::{Config, Override};
-use crate::data::Datasets;
+use crate::data::{Datasets, download};
 use crate::model::checkpoint;
 use crate::run::RunError;
 use crate::run::metrics::{EpochMetrics, round};
 use crate::run::record::RunRecord;
-use crate::run::resume;
 use crate::run::rundir::{self, RunDir, Status, Summary};
+use crate::run::{owner, resume};
 use crate::train::{Score, Trainer};
 use crate::util::{device, progress, system};
 
@@ -67,35 +67,118 @@ pub fn run_telling(
     let data = load_data(config, &device, started)?;
     let mut trainer = Trainer::new(&config.train_setup(), data.side, &device)?;
     let run = RunDir::create(runs_dir, &config.name)?;
-    let record = RunRecord::start(run.clone(), config, &trainer, &data.dir, &device)
+    // Claimed before the first file: no reader ever sees the run unowned.
+    let owner = owner::claim(&run.path, false).inspect_err(|_| run.remove())?;
+    let record = RunRecord::start(run.clone(), owner, config, &trainer, &data, &device)
         .inspect_err(|_| run.remove())?;
     created(&record.run.path);
     train_and_test(&mut trainer, &data, record, started)
 }
 
+/// How `resume` treats the run it continues.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOptions {
+    /// `--set`: keys a resumed run may change ([`resume::resumable`]).
+    pub overrides: Vec<Override>,
+    /// Take the run even where the file system cannot lock and its owner may
+    /// still be alive.
+    pub force: bool,
+}
+
 /// Continues the run in `run_dir` from its training state, in the same directory,
-/// with its saved config (and `overrides`: more epochs, another device). On the
-/// CPU it ends as the run would have ended had it never stopped.
-pub fn resume(run_dir: &Path, overrides: &[Override]) -> Result<RunOutcome, RunError> {
+/// with its saved config (and the overrides: more epochs, another device), on the
+/// MNIST files it trained on. It first takes the run's lock, so only one process
+/// ever continues a run; a run left `running` by a lost process is taken over.
+/// On the CPU it ends as the run would have ended had it never stopped.
+pub fn resume(run_dir: &Path, options: &ResumeOptions) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     system::release_freed_memory();
     system::reset_peak_rss();
-    let summary = rundir::read_summary(&run_dir.join(rundir::SUMMARY_FILE))?;
-    let config = Config::load(&run_dir.join(rundir::CONFIG_FILE), overrides)?;
+    let summary_path = run_dir.join(rundir::SUMMARY_FILE);
+    // A run directory at all, before a lock file is made in it.
+    rundir::read_summary(&summary_path)?;
+    let owner = owner::claim(run_dir, options.force)?;
+    // Read again now that no other process can be writing it.
+    let summary = rundir::read_summary(&summary_path)?;
+    if summary.status == Status::Running {
+        tracing::warn!(
+            run_dir = %run_dir.display(),
+            host = summary.hostname.as_deref().unwrap_or("?"),
+            pid = summary.pid,
+            updated_at = summary.updated_at.as_deref().unwrap_or("?"),
+            "the run says `running`, but no process holds it (the process or its machine \
+             was lost): taking it over"
+        );
+    }
+    let config = resumed_config(run_dir, &summary, &options.overrides)?;
     check_resumable(run_dir, &summary, &config)?;
     let (state, tensors) = resume::load(run_dir)?;
+    resume::check_belongs(&state, run_dir, &summary.started_at, &config)?;
+    let removed = resume::remove_stray_temporaries(run_dir);
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed temporary files of writes a kill cut short"
+        );
+    }
+    if let Some(note) = resume::schedule_note(&config, summary.epochs, state.epoch) {
+        tracing::warn!("{note}");
+    }
     let device = device::select(config.device.kind)?;
     let data = load_data(&config, &device, started)?;
+    warn_if_other_data(&summary, &data);
     let mut trainer = Trainer::new(&config.train_setup(), data.side, &device)?;
     let origin = run_dir.join(resume::STATE_FILE).display().to_string();
     trainer.restore(&state.trainer, &tensors, &origin)?;
     let run = RunDir::open(run_dir);
-    let record = RunRecord::resume(run, &config, summary, &state)?;
+    let record = RunRecord::resume(run, owner, &config, summary, &state)?;
     train_and_test(&mut trainer, &data, record, started)
 }
 
-/// Refuses a run that is still going, has nothing to continue, or is complete
-/// at the epochs asked for.
+/// The run's saved config with the overrides; MNIST from the folder the run
+/// recorded unless `--set data.dir` names another.
+fn resumed_config(
+    run_dir: &Path,
+    summary: &Summary,
+    overrides: &[Override],
+) -> Result<Config, RunError> {
+    let mut config = Config::load(&run_dir.join(rundir::CONFIG_FILE), overrides)?;
+    let data_dir_given = overrides.iter().any(|o| o.key == "data.dir");
+    if let (Some(recorded), false) = (&summary.data_dir, data_dir_given) {
+        if !download::holds(recorded, &download::all_files()) {
+            return Err(RunError::NotResumable {
+                dir: run_dir.to_path_buf(),
+                reason: format!(
+                    "it trained on the MNIST files in {}, which are no longer there; \
+                     name their folder with --set data.dir=DIR",
+                    recorded.display()
+                ),
+            });
+        }
+        config.data.dir = Some(recorded.clone());
+    }
+    Ok(config)
+}
+
+/// Warns when the files read now are not those the run trained on.
+fn warn_if_other_data(summary: &Summary, data: &Datasets) {
+    let recorded = &summary.data_sha256;
+    let differ: Vec<&String> = (recorded.iter())
+        .filter(|(stem, sha)| data.sha256.get(*stem).is_some_and(|now| now != *sha))
+        .map(|(stem, _)| stem)
+        .collect();
+    if !differ.is_empty() {
+        tracing::warn!(
+            dir = %data.dir.display(),
+            files = ?differ,
+            "these MNIST files differ from those the run trained on (SHA-256): \
+             the resumed epochs learn from other data"
+        );
+    }
+}
+
+/// Refuses a run that has nothing to continue, is complete at the epochs asked
+/// for, or stopped early and would stop again at once.
 fn check_resumable(run_dir: &Path, summary: &Summary, config: &Config) -> Result<(), RunError> {
     let refuse = |reason: String| {
         Err(RunError::NotResumable {
@@ -104,25 +187,32 @@ fn check_resumable(run_dir: &Path, summary: &Summary, config: &Config) -> Result
         })
     };
     let done = summary.epochs_completed;
-    match summary.effective_status() {
-        Status::Running => {
-            let pid = summary.pid.map_or("?".into(), |p| p.to_string());
-            let host = summary.hostname.as_deref().unwrap_or("?");
-            return refuse(format!("it is running (process {pid} on {host})"));
+    if config.train.epochs < done {
+        return Err(crate::config::ConfigError::Override {
+            assignment: format!("train.epochs={}", config.train.epochs),
+            message: format!("fewer than the {done} epochs the run completed"),
         }
-        Status::Completed if config.train.epochs <= done => {
+        .into());
+    }
+    if summary.status == Status::Completed {
+        if config.train.epochs <= done {
             return refuse(format!(
                 "it completed all {done} epochs; add epochs with --set train.epochs={}",
                 done + 10
             ));
         }
-        _ => {}
-    }
-    if config.train.epochs < done {
-        return refuse(format!(
-            "train.epochs = {} is fewer than the {done} epochs it completed",
-            config.train.epochs
-        ));
+        let patience = config.train.early_stopping;
+        if let Some(best) = summary.best_epoch
+            && patience > 0
+            && done - best >= patience
+        {
+            return refuse(format!(
+                "it stopped early after epoch {done}: no better validation accuracy since \
+                 epoch {best} (train.early_stopping = {patience}); to train on, add \
+                 --set train.early_stopping=0 (or more than {})",
+                done - best
+            ));
+        }
     }
     if !run_dir.join(resume::STATE_FILE).is_file() {
         return refuse(if done == 0 {

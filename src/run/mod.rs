@@ -4,6 +4,7 @@
 
 pub mod experiment;
 pub mod metrics;
+pub mod owner;
 pub mod plots;
 pub mod record;
 pub mod resume;
@@ -41,6 +42,8 @@ pub enum RunError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     RunFile(#[from] rundir::RunFileError),
+    #[error(transparent)]
+    Owner(#[from] owner::OwnerError),
     /// A run that `resume` cannot continue, and why.
     #[error("cannot resume {}: {reason}", dir.display())]
     NotResumable {
@@ -53,6 +56,12 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// A config error: the command line or a config asked for what cannot be
+    /// (exit status 2, as when `run` reads a bad config).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, RunError::Config(_))
+    }
+
     /// The signal that stopped the run, when a signal did.
     pub fn interruption(&self) -> Option<Signal> {
         match self {

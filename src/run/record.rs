@@ -4,14 +4,15 @@
 //! policy such as resuming) is a new recorder, not an edit of the training loop.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
 
 use crate::config::Config;
+use crate::data::Datasets;
 use crate::model::checkpoint;
 use crate::run::metrics::{EpochMetrics, round};
+use crate::run::owner::OwnerLock;
 use crate::run::resume::{self, SavedState};
 use crate::run::rundir::{self, RunDir, Status, Summary};
 use crate::run::{RunError, plots};
@@ -65,13 +66,26 @@ impl Recorder for Checkpoints {
 
 /// `training_state.safetensors`: what `mnist-lab resume` continues from. Written
 /// after the checkpoints, so a state never names a best epoch whose weights are
-/// not yet on disk.
-pub struct TrainingState;
+/// not yet on disk. It carries the run's config, so that it is never taken up
+/// by another run or under an edited config.toml.
+pub struct TrainingState {
+    config: String,
+}
 
 impl Recorder for TrainingState {
     fn epoch_end(&mut self, end: &EpochEnd) -> Result<(), RunError> {
         let best = (end.summary.best_epoch, end.summary.best_val_acc);
-        Ok(resume::save(end.run, end.trainer, end.history, best)?)
+        let owner = resume::Belonging {
+            config: self.config.clone(),
+            run_started_at: end.summary.started_at.clone(),
+        };
+        Ok(resume::save(
+            end.run,
+            end.trainer,
+            end.history,
+            best,
+            owner,
+        )?)
     }
 }
 
@@ -250,7 +264,12 @@ pub struct RunRecord {
     session_start: std::time::Instant,
     /// The summary as last written, for the abort hook to mark `interrupted`.
     written: Arc<Mutex<Summary>>,
+    /// The summary after the last epoch whose files were all written: what a
+    /// run that fails mid-epoch (a full disk) reports.
+    recorded_summary: Summary,
     _abort: AbortHook,
+    /// Held for as long as the run trains: one process per run.
+    _owner: OwnerLock,
 }
 
 impl RunRecord {
@@ -258,14 +277,16 @@ impl RunRecord {
     /// empty metrics.csv) and starts capturing the run's events.
     pub fn start(
         run: RunDir,
+        owner: OwnerLock,
         config: &Config,
         trainer: &Trainer,
-        data_dir: &Path,
+        data: &Datasets,
         device: &Device,
     ) -> Result<RunRecord, RunError> {
         let capture = EventCapture::start();
         let mut summary = initial_summary(config, trainer, device);
-        summary.data_dir = Some(std::path::absolute(data_dir).unwrap_or(data_dir.to_path_buf()));
+        summary.data_dir = Some(std::path::absolute(&data.dir).unwrap_or(data.dir.clone()));
+        summary.data_sha256 = data.sha256.clone();
         tracing::info!(
             run_dir = %run.path.display(),
             model = %config.model.kind,
@@ -279,7 +300,7 @@ impl RunRecord {
             earlier: Vec::new(),
             capture,
         };
-        Self::open(run, config, summary, Vec::new(), events)
+        Self::open(run, owner, config, summary, Vec::new(), events)
     }
 
     /// Continues a run from its saved training state: the summary says `running`
@@ -287,6 +308,7 @@ impl RunRecord {
     /// history, and new events follow the earlier ones.
     pub fn resume(
         run: RunDir,
+        owner: OwnerLock,
         config: &Config,
         mut summary: Summary,
         state: &SavedState,
@@ -310,13 +332,14 @@ impl RunRecord {
             epochs = config.train.epochs,
             "run resumed"
         );
-        Self::open(run, config, summary, state.history.clone(), events)
+        Self::open(run, owner, config, summary, state.history.clone(), events)
     }
 
     /// Writes the run's config, its summary and metrics.csv as they stand, and
     /// sets up the recorders.
     fn open(
         run: RunDir,
+        owner: OwnerLock,
         config: &Config,
         mut summary: Summary,
         history: Vec<EpochMetrics>,
@@ -335,11 +358,14 @@ impl RunRecord {
             recorded: history.len(),
             earlier_wall_secs: summary.wall_secs,
             session_start: std::time::Instant::now(),
+            recorded_summary: summary.clone(),
             summary,
             history,
             recorders: vec![
                 Box::new(Checkpoints),
-                Box::new(TrainingState),
+                Box::new(TrainingState {
+                    config: config.to_toml(),
+                }),
                 Box::new(MetricsCsv),
                 Box::new(Plots),
                 Box::new(SummaryJson {
@@ -350,6 +376,7 @@ impl RunRecord {
             ],
             written,
             _abort: abort,
+            _owner: owner,
         })
     }
 
@@ -369,6 +396,9 @@ impl RunRecord {
         metrics.log(self.summary.epochs);
         if let Some(diverged) = divergence(&metrics, self.history.first(), self.peak_lr) {
             return Err(diverged.into());
+        }
+        if let Some(stuck) = not_learning(&self.history, &metrics, trainer.steps, self.peak_lr) {
+            return Err(stuck.into());
         }
         let improved = match metrics.val_acc {
             Some(acc) => self.summary.best_val_acc.is_none_or(|best| acc > best),
@@ -396,6 +426,7 @@ impl RunRecord {
             recorder.epoch_end(&end)?;
         }
         self.recorded = self.history.len();
+        self.recorded_summary = self.summary.clone();
         Ok(())
     }
 
@@ -425,9 +456,17 @@ impl RunRecord {
                 );
             }
             Err(error) => {
+                // An epoch whose files were not all written (a full disk) does
+                // not count: the summary agrees with metrics.csv.
+                let recorded = &self.recorded_summary;
+                summary.epochs_completed = recorded.epochs_completed;
+                (summary.best_epoch, summary.best_val_acc) =
+                    (recorded.best_epoch, recorded.best_val_acc);
                 summary.status = match &error {
                     _ if error.interruption().is_some() => Status::Interrupted,
-                    RunError::Train(TrainError::Diverged { .. }) => Status::Diverged,
+                    RunError::Train(
+                        TrainError::Diverged { .. } | TrainError::NotLearning { .. },
+                    ) => Status::Diverged,
                     _ => Status::Failed,
                 };
                 summary.error = Some(error.to_string());
@@ -503,6 +542,37 @@ fn divergence(
     })
 }
 
+/// Epochs after which a run still at chance accuracy is stopped, and the
+/// optimiser steps it must have taken by then (so that tiny test runs of a few
+/// batches are not judged).
+const CHANCE_EPOCHS: usize = 3;
+const CHANCE_STEPS: u64 = 500;
+/// Training accuracy below this is chance level for ten classes (10%), give or take.
+const CHANCE_ACCURACY: f64 = 0.2;
+
+/// Why a run that has learned nothing is stopped: training accuracy at chance
+/// level for each of its first [`CHANCE_EPOCHS`] epochs (a learning rate so high
+/// the weights saturate keeps the loss finite and near ln 10, so the loss rules
+/// of [`divergence`] never fire).
+fn not_learning(
+    earlier: &[EpochMetrics],
+    metrics: &EpochMetrics,
+    steps: u64,
+    peak_lr: f64,
+) -> Option<TrainError> {
+    if metrics.epoch != CHANCE_EPOCHS || steps < CHANCE_STEPS {
+        return None;
+    }
+    let best = (earlier.iter().chain([metrics]))
+        .map(|m| m.train_acc)
+        .fold(0.0, f64::max);
+    (best < CHANCE_ACCURACY).then_some(TrainError::NotLearning {
+        epochs: metrics.epoch,
+        accuracy: best,
+        lr: peak_lr,
+    })
+}
+
 /// The summary a run starts with: what it is, and status `running`.
 fn initial_summary(config: &Config, trainer: &Trainer, device: &Device) -> Summary {
     Summary {
@@ -529,6 +599,7 @@ fn initial_summary(config: &Config, trainer: &Trainer, device: &Device) -> Summa
         pid: None,
         updated_at: None,
         data_dir: None,
+        data_sha256: Default::default(),
         resumed_at: Vec::new(),
         hparams: config.hyperparameters(),
     }

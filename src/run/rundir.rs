@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::run::metrics::{EpochMetrics, metrics_csv, round};
+use crate::run::owner::{self, Probe};
 use crate::util::fsio::{FileError, create_unique_dir, read_text, write_atomic};
 use crate::util::system;
 
@@ -107,6 +108,9 @@ pub struct Summary {
     /// The MNIST folder the run read; `eval` and `predict` look there first.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// SHA-256 of the four MNIST files' contents as the run read them.
+    #[serde(default)]
+    pub data_sha256: BTreeMap<String, String>,
     /// When the run was resumed, once per resume.
     #[serde(default)]
     pub resumed_at: Vec<String>,
@@ -125,13 +129,36 @@ fn six_decimals<S: serde::Serializer>(
 }
 
 impl Summary {
-    /// The status as it stands: `stale` for a `running` run whose process is no
-    /// longer alive on this machine (a run on another machine is taken at its word).
-    pub fn effective_status(&self) -> Status {
-        let gone = self.status == Status::Running
-            && self.hostname.as_deref() == Some(system::hostname().as_str())
-            && self.pid.is_some_and(|pid| !system::process_alive(pid));
-        if gone { Status::Stale } else { self.status }
+    /// The status as it stands, for the run in `dir`: `stale` for a `running`
+    /// run whose lock no process holds, whatever host wrote it. A run from
+    /// before locks is judged by its process on this host, and elsewhere by
+    /// `updated_at` older than [`owner::STALE_AFTER`].
+    pub fn effective_status(&self, dir: &Path) -> Status {
+        if self.status != Status::Running {
+            return self.status;
+        }
+        let gone = match owner::probe(dir) {
+            Probe::Held => false,
+            Probe::Free => true,
+            Probe::Unknown => self.writer_gone(),
+        };
+        if gone { Status::Stale } else { Status::Running }
+    }
+
+    /// Whether the process that last wrote the summary is gone, judged without a lock.
+    fn writer_gone(&self) -> bool {
+        let (Some(host), Some(pid)) = (&self.hostname, self.pid) else {
+            return true;
+        };
+        let silent = (self.updated_at.as_deref())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .and_then(|t| (chrono::Utc::now() - t.to_utc()).to_std().ok());
+        let writer = owner::Owner {
+            host: host.clone(),
+            pid,
+            since: String::new(),
+        };
+        owner::owner_gone(&writer, silent)
     }
 
     /// Marks the summary as written now by this process.

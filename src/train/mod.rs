@@ -38,6 +38,17 @@ pub enum TrainError {
         /// The configured (peak) learning rate.
         lr: f64,
     },
+    #[error(
+        "training accuracy at most {:.1}% over the first {epochs} epochs, chance level for ten \
+         classes: the model is not learning; lower optimizer.lr (now {lr}) and run again",
+        100.0 * accuracy
+    )]
+    NotLearning {
+        epochs: usize,
+        /// The best training accuracy of those epochs.
+        accuracy: f64,
+        lr: f64,
+    },
 }
 
 /// `[train]`: the loop itself.

@@ -15,7 +15,7 @@ use crate::util::table::Table;
 mod record;
 mod values;
 
-pub use record::{RECORD_FILE, SweepEntry, SweepRecord, create_record_dir, execute};
+pub use record::{RECORD_FILE, SweepEntry, SweepRecord, SweepTally, create_record_dir, execute};
 pub use values::{Shard, SweepSet};
 
 /// Sources that cannot be read as a sweep.
@@ -29,6 +29,13 @@ pub enum SweepError {
     NoConfigs(PathBuf),
     #[error("{} is not a sweep record (sweep.json): {reason}", path.display())]
     NotARecord { path: PathBuf, reason: String },
+    #[error("{}: run {entry} records the directory {}, but {reason}", record.display(), dir.display())]
+    WrongRunDir {
+        record: PathBuf,
+        entry: String,
+        dir: PathBuf,
+        reason: String,
+    },
 }
 
 /// Config text to expand: a file, or a run recorded in a `sweep.json`.

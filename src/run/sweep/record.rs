@@ -5,10 +5,11 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::run::resume;
+use crate::config::Config;
 use crate::run::rundir::{self, Status, Summary};
 use crate::run::sweep::{PlannedRun, Shard, SweepError};
 use crate::run::{RunError, experiment};
+use crate::run::{owner, resume};
 use crate::util::fsio::{FileError, create_unique_dir, read_text, write_atomic};
 use crate::util::interrupt::{self, AbortHook};
 use crate::util::table::{Table, percent};
@@ -73,6 +74,47 @@ impl SweepRecord {
         write_atomic(path, &json)
     }
 
+    /// Checks, before a record is continued, that each entry's run directory
+    /// holds that entry's run: its config (keys a resume may change aside), and
+    /// no other entry's directory. A record edited by hand, or merged from
+    /// another, would otherwise mark the wrong run completed.
+    pub fn check_run_dirs(&self, path: &Path) -> Result<(), SweepError> {
+        let mut seen: Vec<(&Path, &str)> = Vec::new();
+        for entry in &self.runs {
+            let Some(dir) = entry.run_dir.as_deref() else {
+                continue;
+            };
+            let wrong = |reason: String| SweepError::WrongRunDir {
+                record: path.to_path_buf(),
+                entry: format!("{} ({})", entry.index, entry.name),
+                dir: dir.to_path_buf(),
+                reason,
+            };
+            if let Some((_, other)) = seen.iter().find(|(d, _)| *d == dir) {
+                return Err(wrong(format!("entry {other} records the same directory")));
+            }
+            seen.push((dir, &entry.name));
+            let config_path = dir.join(rundir::CONFIG_FILE);
+            if !config_path.is_file() {
+                continue; // gone, or never written: the run starts afresh
+            }
+            let expected = Config::from_toml(&entry.config, path, None, &[])?;
+            let held = Config::load(&config_path, &[]).map_err(|e| wrong(e.to_string()))?;
+            let changes: Vec<String> = (resume::config_changes(&expected, &held).into_iter())
+                .map(|(key, recorded, held)| {
+                    format!("{key} = {held} there, {recorded} in the record")
+                })
+                .collect();
+            if !changes.is_empty() {
+                return Err(wrong(format!(
+                    "it holds another run's config ({})",
+                    changes.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The end-of-sweep table.
     pub fn table(&self) -> Table {
         let mut table = Table::new(&[
@@ -120,6 +162,8 @@ impl SweepEntry {
 
 /// What a sweep does with one of its runs, from what its record says.
 enum Step {
+    /// Trained by another process right now (resumed by hand, say).
+    Elsewhere(String),
     /// Completed or diverged: an outcome, not an accident.
     Skip,
     /// Pending, or stopped before its run directory held a training state.
@@ -142,14 +186,15 @@ fn next_step(entry: &mut SweepEntry) -> Step {
     let Ok(summary) = rundir::read_summary(&dir.join(rundir::SUMMARY_FILE)) else {
         return Step::Start;
     };
-    match summary.effective_status() {
+    match summary.effective_status(&dir) {
         Status::Completed | Status::Diverged => {
             entry.settle(summary);
             Step::Skip
         }
         Status::Running => {
-            tracing::warn!(run = %entry.name, dir = %dir.display(), "run is live in another process; leaving it");
-            Step::Skip
+            let owner = owner::read_owner(&dir).map_or("another process".into(), |o| o.to_string());
+            tracing::warn!(run = %entry.name, dir = %dir.display(), %owner, "run is live in another process; leaving it");
+            Step::Elsewhere(format!("{} ({owner})", entry.name))
         }
         _ if dir.join(resume::STATE_FILE).is_file() => Step::Resume(dir),
         _ => Step::Start,
@@ -204,28 +249,42 @@ impl<'a> RecordFile<'a> {
     }
 }
 
+/// What became of a sweep's runs this time.
+#[derive(Debug, Default)]
+pub struct SweepTally {
+    /// Runs that failed or diverged.
+    pub failed: usize,
+    /// Runs left alone because another process trains them, with their owners.
+    pub elsewhere: Vec<String>,
+}
+
 /// Runs `runs` in turn under `runs_dir`, keeping `record` (at `record_path`)
 /// current: completed runs are skipped, stopped ones resumed, the others
 /// started, so running a record again continues it. A failing run is recorded
 /// and the next one starts; Ctrl-C stops the sweep after the current run's files
-/// are written. Returns how many failed.
+/// are written. The caller holds the record folder's lock ([`owner::claim`]).
 pub fn execute(
     runs: &[PlannedRun],
     record: &mut SweepRecord,
     record_path: &Path,
     runs_dir: &Path,
-) -> Result<usize, FileError> {
+) -> Result<SweepTally, FileError> {
     record.runs_dir = Some(runs_dir.to_path_buf());
     let file = RecordFile::new(record_path, record);
     file.write(record)?;
-    let mut failed = 0;
+    let mut tally = SweepTally::default();
     for (position, run) in runs.iter().enumerate() {
         if interrupt::stop_requested().is_some() {
             break;
         }
         let step = next_step(&mut record.runs[position]);
-        if matches!(step, Step::Skip) {
-            continue;
+        match step {
+            Step::Skip => continue,
+            Step::Elsewhere(run) => {
+                tally.elsewhere.push(run);
+                continue;
+            }
+            _ => {}
         }
         tracing::info!(
             run = %run.config.name,
@@ -258,7 +317,7 @@ pub fn execute(
             }
         }
         if matches!(entry.status, Status::Failed | Status::Diverged) {
-            failed += 1;
+            tally.failed += 1;
             tracing::error!(
                 run = %entry.name,
                 error = entry.error.as_deref().unwrap_or(""),
@@ -267,7 +326,7 @@ pub fn execute(
         }
         file.write(record)?;
     }
-    Ok(failed)
+    Ok(tally)
 }
 
 /// Starts or resumes one run; a panic in it is that run's failure, not the sweep's.
@@ -278,7 +337,7 @@ fn run_step(
     created: impl FnOnce(&Path),
 ) -> Result<experiment::RunOutcome, RunError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match step {
-        Step::Resume(dir) => experiment::resume(&dir, &[]),
+        Step::Resume(dir) => experiment::resume(&dir, &Default::default()),
         _ => experiment::run_telling(&run.config, runs_dir, created),
     }))
     .unwrap_or_else(|panic| Err(RunError::Panicked(panic_message(&panic))))
