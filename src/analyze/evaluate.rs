@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::Serialize;
 
@@ -58,6 +58,7 @@ impl TrainedModel {
             &device,
         )?;
         checkpoint::load(&varmap, &checkpoint)?;
+        check_finite(&varmap, &checkpoint)?;
         Ok(TrainedModel {
             run,
             config,
@@ -90,6 +91,34 @@ impl TrainedModel {
     }
 }
 
+/// Refuses weights with a NaN or an infinity: every prediction from them is NaN.
+fn check_finite(varmap: &VarMap, path: &Path) -> Result<()> {
+    let vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut bad = Vec::new();
+    let mut count = 0;
+    for (name, var) in vars.iter() {
+        let values = var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let here = values.iter().filter(|v| !v.is_finite()).count();
+        if here > 0 {
+            count += here;
+            bad.push(name.clone());
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    bad.sort();
+    Err(AnalyzeError::NonFiniteWeights {
+        path: path.to_path_buf(),
+        count,
+        tensors: bad.join(", "),
+    })
+}
+
 /// The index of the largest value (the first, on ties).
 pub fn argmax(values: &[f32]) -> usize {
     values
@@ -116,6 +145,8 @@ pub struct Mistake {
 #[derive(Debug, Clone, Serialize)]
 pub struct Evaluation {
     pub run_dir: PathBuf,
+    /// The folder the test images were read from.
+    pub data_dir: PathBuf,
     pub checkpoint: PathBuf,
     pub images: usize,
     pub loss: f64,
@@ -197,6 +228,7 @@ pub fn evaluate(model: &TrainedModel) -> Result<(Evaluation, Split)> {
         .collect();
     let evaluation = Evaluation {
         run_dir: model.run.dir.clone(),
+        data_dir: std::path::absolute(&dir).unwrap_or(dir.clone()),
         checkpoint: model.checkpoint.clone(),
         images: test.len(),
         loss,
@@ -206,6 +238,28 @@ pub fn evaluate(model: &TrainedModel) -> Result<(Evaluation, Split)> {
         mistakes,
     };
     Ok((evaluation, test))
+}
+
+/// Why `evaluation` is not of the run's own test set, if it is not: another
+/// `data.test_size`, or test files read from another folder than the run's.
+pub fn other_test_set(model: &TrainedModel, evaluation: &Evaluation) -> Option<String> {
+    let run_config = model.run.config.as_ref();
+    if run_config.is_some_and(|c| c.data.test_size != model.config.data.test_size) {
+        return Some("data.test_size differs from the run's".into());
+    }
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    let recorded = model.run.summary.data_dir.as_deref();
+    match recorded {
+        Some(recorded) if !same(recorded, &evaluation.data_dir) => Some(format!(
+            "the test images come from {}, the run's from {}",
+            evaluation.data_dir.display(),
+            recorded.display()
+        )),
+        _ => None,
+    }
 }
 
 /// `confusion.csv`: a header of predicted classes, then one row per true class.

@@ -183,6 +183,38 @@ impl std::str::FromStr for Sort {
     }
 }
 
+/// Checks a key that `runs --filter/--columns/--sort` reads from each run:
+/// `status`, `model`, or a config key (`optimizer.lr`). An unknown one is an
+/// error naming the keys its section knows.
+pub fn check_run_key(key: &str) -> Result<(), String> {
+    if matches!(key, "status" | "model") {
+        return Ok(());
+    }
+    // The config's own parser knows its keys: set this one on a default config.
+    let probe = crate::config::Override {
+        key: key.to_string(),
+        value: toml::Value::Integer(0),
+    };
+    let origin = Path::new("(default config)");
+    match crate::config::Config::from_toml("", origin, Some("probe"), &[probe]) {
+        Err(crate::config::ConfigError::Override { message, .. })
+            if message.contains("unknown field") =>
+        {
+            Err(format!(
+                "unknown key {key:?}: {message} (besides config keys: status, model)"
+            ))
+        }
+        Err(crate::config::ConfigError::Override { message, .. })
+            if message.contains("expected struct") =>
+        {
+            Err(format!(
+                "{key:?} is a section of the config: name one of its keys ({key}.<key>)"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `--filter KEY=VALUE`: keeps the runs whose config has that value (`status`
 /// and `model` may be filtered too).
 #[derive(Debug, Clone, PartialEq)]

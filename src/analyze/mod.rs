@@ -56,6 +56,16 @@ pub enum AnalyzeError {
     Usage(String),
     #[error("one-epoch run of {preset} failed: {reason}")]
     EpochRun { preset: String, reason: String },
+    #[error(
+        "{} holds {count} weights that are not finite (NaN or infinite), in {tensors}: \
+         the run diverged before it was saved; it cannot classify",
+        path.display()
+    )]
+    NonFiniteWeights {
+        path: PathBuf,
+        count: usize,
+        tensors: String,
+    },
 }
 
 impl AnalyzeError {

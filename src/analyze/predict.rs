@@ -79,12 +79,14 @@ pub fn top_classes(log_probs: &[f32], k: usize) -> Vec<ClassProbability> {
     classes
 }
 
+/// The widest and tallest image `predict` decodes: a digit needs far fewer
+/// pixels, and 4096 x 4096 already takes 64 MiB as RGBA (a 22000-pixel-square
+/// PNG would take gigabytes).
+pub const MAX_IMAGE_SIDE: u32 = 4096;
+
 /// Reads an image file and returns 28x28 MNIST-style pixels (ink bright on 0).
 pub fn load_as_mnist(path: &Path) -> Result<Vec<u8>> {
-    let decoded = image::open(path).map_err(|e| AnalyzeError::Image {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let decoded = decode_bounded(path)?;
     let ink = ink_of(&decoded.to_rgba8());
     let blank = || AnalyzeError::BlankImage(path.to_path_buf());
     if !has_ink(&ink) {
@@ -95,6 +97,35 @@ pub fn load_as_mnist(path: &Path) -> Result<Vec<u8>> {
         return Ok(ink.into_raw());
     }
     to_mnist_frame(&ink).ok_or_else(blank)
+}
+
+/// Decodes `path` once its header has shown it is at most [`MAX_IMAGE_SIDE`]
+/// pixels each way.
+fn decode_bounded(path: &Path) -> Result<image::DynamicImage> {
+    let unreadable = |reason: String| AnalyzeError::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let reader = || {
+        image::ImageReader::open(path)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(|e| unreadable(e.to_string()))
+    };
+    let (width, height) = reader()?
+        .into_dimensions()
+        .map_err(|e| unreadable(e.to_string()))?;
+    if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE {
+        return Err(unreadable(format!(
+            "it is {width} x {height} pixels; predict reads images up to \
+             {MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE} (scale it down first)"
+        )));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    let mut reader = reader()?;
+    reader.limits(limits);
+    reader.decode().map_err(|e| unreadable(e.to_string()))
 }
 
 /// Ink intensity per pixel (0 = paper), alpha composited over white and the

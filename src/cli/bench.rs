@@ -12,8 +12,8 @@ pub(super) struct BenchArgs {
     /// Models to measure (lenet5, lenet5_reg, custom_mlp); default all three.
     #[arg(long = "model", value_name = "M")]
     models: Vec<String>,
-    /// Training batch sizes; default 64 and 256.
-    #[arg(long = "batch-size", value_name = "B")]
+    /// Training batch sizes; default 64 and 256 (at most 8192).
+    #[arg(long = "batch-size", value_name = "B", value_parser = batch_size)]
     batch_sizes: Vec<usize>,
     /// CPU threads (0 = one per core).
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = device::parse_threads)]
@@ -82,6 +82,17 @@ fn at_least_one(text: &str) -> Result<usize, String> {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(format!(
             "expected a whole number of at least 1, got {text:?}"
+        )),
+    }
+}
+
+/// `--batch-size B`: bounded as a config's `train.batch_size` is.
+fn batch_size(text: &str) -> Result<usize, String> {
+    let max = crate::train::MAX_BATCH_SIZE;
+    match text.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 1 to {max}, got {text:?}"
         )),
     }
 }

@@ -8,6 +8,7 @@ use crate::analyze::evaluate::{self, TrainedModel};
 use crate::analyze::inspect::{self, Filter, Sort};
 use crate::analyze::report::{self, ReportOptions};
 use crate::analyze::{compare, predict, seeds};
+use crate::cli::UsageError;
 use crate::config::Override;
 use crate::run::rundir;
 use crate::util::table::{Table, percent};
@@ -40,14 +41,25 @@ pub(super) struct RunsArgs {
 
 impl RunsArgs {
     pub(super) fn execute(self) -> anyhow::Result<()> {
+        self.check_keys()?;
         let (mut runs, warnings) = inspect::scan(&self.dir)?;
         for warning in warnings {
             eprintln!("warning: {warning}");
         }
+        let found = runs.len();
         inspect::filter(&mut runs, &self.filters);
         inspect::sort(&mut runs, &self.sort);
         if self.json {
             println!("{}", inspect::runs_json(&runs));
+        } else if runs.is_empty() && found > 0 {
+            let filters: Vec<String> = (self.filters.iter())
+                .map(|f| format!("--filter {}={}", f.key, f.value))
+                .collect();
+            eprintln!(
+                "none of the {found} runs in {} matches {}",
+                self.dir.display(),
+                filters.join(" ")
+            );
         } else if runs.is_empty() {
             eprintln!("no runs in {}", self.dir.display());
         } else if self.group {
@@ -57,6 +69,23 @@ impl RunsArgs {
             );
         } else {
             print!("{}", inspect::runs_table(&runs, &self.columns).to_text());
+        }
+        Ok(())
+    }
+}
+
+impl RunsArgs {
+    /// Every key named by --sort, --columns and --filter must be one a run has.
+    fn check_keys(&self) -> Result<(), UsageError> {
+        let sort = match &self.sort {
+            Sort::Config(key) => Some(("--sort", key)),
+            Sort::Column(_) => None,
+        };
+        let named = (sort.into_iter())
+            .chain(self.columns.iter().map(|key| ("--columns", key)))
+            .chain(self.filters.iter().map(|f| ("--filter", &f.key)));
+        for (flag, key) in named {
+            inspect::check_run_key(key).map_err(|e| UsageError(format!("{flag}: {e}")))?;
         }
         Ok(())
     }
@@ -144,14 +173,14 @@ impl EvalArgs {
         let model = self.checkpoint.load()?;
         let (evaluation, test) = evaluate::evaluate(&model)?;
         // Files in the run directory describe the run's own test set: an
-        // evaluation of another (`--set data.test_size=...`) is printed only.
-        let own_test_set = (model.run.config.as_ref())
-            .is_none_or(|c| c.data.test_size == model.config.data.test_size);
-        let written = if own_test_set {
-            evaluate::write_files(&evaluation, &test, &model.run.summary.name)?
-        } else {
-            eprintln!("not writing eval files: data.test_size differs from the run's");
-            Vec::new()
+        // evaluation of another (`--set data.test_size=...`, or the files of
+        // another folder) is printed only.
+        let written = match evaluate::other_test_set(&model, &evaluation) {
+            None => evaluate::write_files(&evaluation, &test, &model.run.summary.name)?,
+            Some(why) => {
+                eprintln!("not writing eval files into the run directory: {why}");
+                Vec::new()
+            }
         };
         if self.json {
             println!("{}", serde_json::to_string_pretty(&evaluation)?);

@@ -74,11 +74,15 @@ pub fn read_idx(
         })?;
     // One byte more than declared tells a file that is too long.
     let mut data = Vec::with_capacity(expected + 1);
-    reader
+    (&mut reader)
         .take(expected as u64 + 1)
         .read_to_end(&mut data)
         .map_err(io_error)?;
     if data.len() != expected {
+        // A corrupt gzip body can decompress to the wrong length: reading on to
+        // the end lets the decoder check its CRC, the truer account of the fault.
+        let mut rest = (&mut reader).take(MAX_IDX_BYTES as u64);
+        std::io::copy(&mut rest, &mut std::io::sink()).map_err(io_error)?;
         let actual = if data.len() > expected {
             "more than that".to_string()
         } else {
@@ -398,6 +402,31 @@ mod tests {
                 std::fs::write(dir.join(stem), bytes).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn a_corrupt_gzip_body_is_a_checksum_error_not_a_size_error() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        // One data byte more than declared: a size error when the gzip is sound.
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&idx_bytes(&[2], &[1, 2, 3])).unwrap();
+        let sound = enc.finish().unwrap();
+        let path = dir.path().join("labels.gz");
+        std::fs::write(&path, &sound).unwrap();
+        let err = read_idx(open_maybe_gzip(&path).unwrap(), &path, Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("need 2 data bytes"), "{err}");
+        // The same body with its CRC-32 trailer damaged: the checksum is the fault.
+        let mut corrupt = sound.clone();
+        let crc = corrupt.len() - 8;
+        corrupt[crc] ^= 0xff;
+        std::fs::write(&path, &corrupt).unwrap();
+        let err = read_idx(open_maybe_gzip(&path).unwrap(), &path, Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checksum"), "{err}");
     }
 
     #[test]

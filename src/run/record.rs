@@ -11,7 +11,7 @@ use candle_core::Device;
 use crate::config::Config;
 use crate::data::Datasets;
 use crate::model::checkpoint;
-use crate::run::metrics::{EpochMetrics, round};
+use crate::run::metrics::{EpochMetrics, read_metrics, round};
 use crate::run::owner::OwnerLock;
 use crate::run::resume::{self, SavedState};
 use crate::run::rundir::{self, RunDir, Status, Summary};
@@ -456,12 +456,16 @@ impl RunRecord {
                 );
             }
             Err(error) => {
-                // An epoch whose files were not all written (a full disk) does
-                // not count: the summary agrees with metrics.csv.
-                let recorded = &self.recorded_summary;
-                summary.epochs_completed = recorded.epochs_completed;
-                (summary.best_epoch, summary.best_val_acc) =
-                    (recorded.best_epoch, recorded.best_val_acc);
+                // An epoch whose files were not all written (a full disk) counts
+                // only if metrics.csv holds it: the summary agrees with the file.
+                let metrics_path = self.run.file(rundir::METRICS_FILE);
+                let rows = read_metrics(&metrics_path).map_or(self.recorded, |rows| rows.len());
+                if rows < self.history.len() {
+                    let recorded = &self.recorded_summary;
+                    summary.epochs_completed = recorded.epochs_completed;
+                    (summary.best_epoch, summary.best_val_acc) =
+                        (recorded.best_epoch, recorded.best_val_acc);
+                }
                 summary.status = match &error {
                     _ if error.interruption().is_some() => Status::Interrupted,
                     RunError::Train(

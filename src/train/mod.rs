@@ -75,6 +75,11 @@ pub struct TrainConfig {
     pub early_stopping: usize,
 }
 
+/// The largest batch, for training or evaluation. A batch's activations grow
+/// with it: a typo of a few zeros must be refused, not take the machine's memory
+/// (on a shared machine the kernel's OOM killer may pick someone else's work).
+pub const MAX_BATCH_SIZE: usize = 8192;
+
 impl TrainConfig {
     /// Range checks of the `[train]` fields.
     pub fn validate(&self) -> Result<(), InvalidField> {
@@ -85,6 +90,12 @@ impl TrainConfig {
         ] {
             if value == 0 {
                 return invalid(key, "expected at least 1");
+            }
+            if key != "train.epochs" && value > MAX_BATCH_SIZE {
+                return invalid(
+                    key,
+                    format!("expected at most {MAX_BATCH_SIZE} images, got {value}"),
+                );
             }
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
