@@ -99,7 +99,7 @@ pub fn resume(run_dir: &Path, options: &ResumeOptions) -> Result<RunOutcome, Run
     rundir::read_summary(&summary_path)?;
     let owner = owner::claim(run_dir, options.force)?;
     // Read again now that no other process can be writing it.
-    let summary = rundir::read_summary(&summary_path)?;
+    let mut summary = rundir::read_summary(&summary_path)?;
     if summary.status == Status::Running {
         tracing::warn!(
             run_dir = %run_dir.display(),
@@ -113,7 +113,7 @@ pub fn resume(run_dir: &Path, options: &ResumeOptions) -> Result<RunOutcome, Run
     let config = resumed_config(run_dir, &summary, &options.overrides)?;
     check_resumable(run_dir, &summary, &config)?;
     let (state, tensors) = resume::load(run_dir)?;
-    resume::check_belongs(&state, run_dir, &summary.started_at, &config)?;
+    resume::check_belongs(&state, run_dir, &summary, &config)?;
     let removed = resume::remove_stray_temporaries(run_dir);
     if removed > 0 {
         tracing::info!(
@@ -127,6 +127,9 @@ pub fn resume(run_dir: &Path, options: &ResumeOptions) -> Result<RunOutcome, Run
     let device = device::select(config.device.kind)?;
     let data = load_data(&config, &device, started)?;
     warn_if_other_data(&summary, &data);
+    // What it reads now is what a later resume reads.
+    summary.data_dir = Some(std::path::absolute(&data.dir).unwrap_or(data.dir.clone()));
+    summary.data_sha256 = data.sha256.clone();
     let mut trainer = Trainer::new(&config.train_setup(), data.side, &device)?;
     let origin = run_dir.join(resume::STATE_FILE).display().to_string();
     trainer.restore(&state.trainer, &tensors, &origin)?;

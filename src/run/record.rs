@@ -78,6 +78,7 @@ impl Recorder for TrainingState {
         let owner = resume::Belonging {
             config: self.config.clone(),
             run_started_at: end.summary.started_at.clone(),
+            run_id: end.summary.run_id.clone(),
         };
         Ok(resume::save(
             end.run,
@@ -597,6 +598,7 @@ fn initial_summary(config: &Config, trainer: &Trainer, device: &Device) -> Summa
         threads: Some(device::cpu_threads()),
         host: system::host_description(),
         started_at: system::now_rfc3339(),
+        run_id: Some(format!("{:016x}", rand::random::<u64>())),
         status: Status::Running,
         error: None,
         hostname: None,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::run::metrics::EpochMetrics;
-use crate::run::rundir::RunDir;
+use crate::run::rundir::{RunDir, Summary};
 use crate::train::{Trainer, TrainerState};
 use crate::util::fsio::{FileError, write_atomic};
 
@@ -51,6 +51,9 @@ pub struct Belonging {
     pub config: String,
     /// The run's `started_at`.
     pub run_started_at: String,
+    /// The run's `run_id` (two runs may start in the same second).
+    #[serde(default)]
+    pub run_id: Option<String>,
 }
 
 /// A training state that cannot be written or read back.
@@ -63,7 +66,7 @@ pub enum StateError {
     #[error("cannot take the training state: {0}")]
     Snapshot(#[from] candle_core::Error),
     #[error(
-        "{} belongs to another run (started {state_run}); this run started {this_run}: \
+        "{} belongs to another run ({state_run}); this is {this_run}: \
          a run resumes only from its own state",
         path.display()
     )]
@@ -155,18 +158,28 @@ pub fn resumable(key: &str) -> bool {
 pub fn check_belongs(
     state: &SavedState,
     run_dir: &Path,
-    run_started_at: &str,
+    run: &Summary,
     config: &Config,
 ) -> Result<(), StateError> {
     let Some(belonging) = &state.belonging else {
         return Ok(());
     };
     let state_path = run_dir.join(STATE_FILE);
-    if belonging.run_started_at != run_started_at {
+    let (state_run, this_run) = match (&belonging.run_id, &run.run_id) {
+        (Some(state_id), Some(run_id)) => (
+            format!("run {state_id}, started {}", belonging.run_started_at),
+            format!("run {run_id}, started {}", run.started_at),
+        ),
+        _ => (
+            format!("started {}", belonging.run_started_at),
+            format!("started {}", run.started_at),
+        ),
+    };
+    if state_run != this_run {
         return Err(StateError::ForeignState {
             path: state_path,
-            state_run: belonging.run_started_at.clone(),
-            this_run: run_started_at.to_string(),
+            state_run,
+            this_run,
         });
     }
     let trained = Config::from_toml(&belonging.config, &state_path, None, &[]).map_err(|e| {

@@ -95,6 +95,9 @@ pub struct Summary {
     #[serde(default)]
     pub host: Option<String>,
     pub started_at: String,
+    /// Random, drawn when the run starts: what ties its training state to it.
+    #[serde(default)]
+    pub run_id: Option<String>,
     pub status: Status,
     pub error: Option<String>,
     /// The machine and process that run the run, and when the process last wrote

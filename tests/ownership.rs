@@ -1,0 +1,295 @@
+//! One owner per run and per sweep record: two processes started together on one
+//! run (or one sweep record) never both train it, and a run left `running` by a
+//! process that is gone, on any host, is stale and taken over.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mnist_lab::run::metrics::read_metrics;
+use mnist_lab::run::rundir::{self, Status, Summary};
+use mnist_lab::run::sweep::SweepRecord;
+
+mod common;
+use common::{assert_success, mnist_dir, only_run, run_binary};
+
+/// LeNet5 on 4,000 images: a few tenths of a second per epoch.
+const SMALL: &str = "name = \"small\"\n[data]\ntrain_size = 4000\nvalidation_size = 1000\n\
+    test_size = 1000\n[train]\nepochs = 1\n";
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mnist-lab"))
+        .args(args)
+        .env("MNIST_DIR", mnist_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn summary(run: &Path) -> Summary {
+    rundir::read_summary(&run.join(rundir::SUMMARY_FILE)).unwrap()
+}
+
+fn rows(run: &Path) -> usize {
+    read_metrics(&run.join(rundir::METRICS_FILE)).unwrap().len()
+}
+
+/// Two processes on the same command line, started together: the one that
+/// succeeded, and the other's output.
+fn race(args: &[&str]) -> ((u32, Output), (u32, Output)) {
+    let (a, b) = (spawn(args), spawn(args));
+    let (a_id, b_id) = (a.id(), b.id());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    match (a.status.success(), b.status.success()) {
+        (true, false) => ((a_id, a), (b_id, b)),
+        (false, true) => ((b_id, b), (a_id, a)),
+        _ => panic!(
+            "exactly one should win: {:?} {}\n{:?} {}",
+            a.status,
+            stderr(&a),
+            b.status,
+            stderr(&b)
+        ),
+    }
+}
+
+#[test]
+fn two_resumes_of_one_run_started_together_train_it_once() {
+    let work = tempfile::tempdir().unwrap();
+    let runs = work.path().join("runs");
+    let run = common::trained_run(work.path(), &write(work.path(), "small.toml", SMALL));
+    let ((winner, _), (_, loser)) =
+        race(&["resume", run.to_str().unwrap(), "--set", "train.epochs=4"]);
+    assert_eq!(loser.status.code(), Some(1), "{}", stderr(&loser));
+    let err = stderr(&loser);
+    assert!(
+        err.contains("is in use by") && err.contains(&format!("process {winner} on ")),
+        "the loser names the owner: {err}"
+    );
+    let after = summary(&run);
+    assert_eq!(
+        (after.status, after.epochs_completed),
+        (Status::Completed, 4)
+    );
+    assert_eq!(after.resumed_at.len(), 1, "resumed once");
+    assert_eq!(rows(&run), 4);
+    assert_eq!(only_run(&runs), run);
+}
+
+#[test]
+fn two_sweeps_continuing_one_record_train_each_run_once() {
+    let work = tempfile::tempdir().unwrap();
+    let grid = write(
+        work.path(),
+        "grid.toml",
+        &format!("{SMALL}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n"),
+    );
+    let runs = work.path().join("runs");
+    let record = work.path().join("record");
+    let args = [
+        "sweep",
+        &grid,
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--resume",
+        record.to_str().unwrap(),
+    ];
+    let ((winner, _), (_, loser)) = race(&args);
+    assert_eq!(loser.status.code(), Some(1), "{}", stderr(&loser));
+    assert!(
+        stderr(&loser).contains(&format!("process {winner} on ")),
+        "{}",
+        stderr(&loser)
+    );
+    let names: Vec<PathBuf> = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "one directory per run, none twice: {names:?}"
+    );
+    let record = SweepRecord::read(&record.join("sweep.json")).unwrap();
+    assert!(record.runs.iter().all(|r| r.status == Status::Completed));
+}
+
+/// Rewrites a run's summary as a process on another machine, now lost, left it.
+fn as_left_by_a_lost_node(run: &Path) {
+    let mut s = summary(run);
+    s.status = Status::Running;
+    s.hostname = Some("node-lost-17".into());
+    s.pid = Some(4242);
+    let json = serde_json::to_vec_pretty(&s).unwrap();
+    std::fs::write(run.join(rundir::SUMMARY_FILE), json).unwrap();
+}
+
+/// Waits until `path`'s run (found by `find`) has completed an epoch, then kills it.
+fn kill_after_first_epoch(mut child: Child, find: impl Fn() -> Option<PathBuf>) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        if let Some(run) = find()
+            && rundir::read_summary(&run.join(rundir::SUMMARY_FILE))
+                .is_ok_and(|s| s.epochs_completed >= 1)
+        {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "no epoch in time");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    run
+}
+
+#[test]
+fn a_run_left_running_by_a_lost_node_is_stale_and_resume_takes_it_over() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write(
+        work.path(),
+        "small.toml",
+        &SMALL.replace("epochs = 1", "epochs = 3"),
+    );
+    let runs = work.path().join("runs");
+    let child = spawn(&["run", &config, "--runs-dir", runs.to_str().unwrap()]);
+    let run = kill_after_first_epoch(child, || {
+        std::fs::read_dir(&runs)
+            .ok()?
+            .next()
+            .map(|e| e.unwrap().path())
+    });
+    as_left_by_a_lost_node(&run);
+
+    let listing = run_binary(&["runs", runs.to_str().unwrap()]);
+    assert_success(&listing);
+    let table = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        table.contains("stale") && !table.contains("running"),
+        "{table}"
+    );
+
+    let resumed = run_binary(&["resume", run.to_str().unwrap()]);
+    assert_success(&resumed);
+    assert!(
+        stderr(&resumed).contains("taking it over"),
+        "{}",
+        stderr(&resumed)
+    );
+    let after = summary(&run);
+    assert_eq!(
+        (after.status, after.epochs_completed),
+        (Status::Completed, 3)
+    );
+    assert_eq!(rows(&run), 3);
+}
+
+#[test]
+fn a_sweep_resumes_a_run_a_lost_node_left_running() {
+    let work = tempfile::tempdir().unwrap();
+    let grid = write(
+        work.path(),
+        "grid.toml",
+        &format!(
+            "{}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n",
+            SMALL.replace("epochs = 1", "epochs = 3")
+        ),
+    );
+    let runs = work.path().join("runs");
+    let record_dir = work.path().join("record");
+    let args = [
+        "sweep",
+        &grid,
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--resume",
+        record_dir.to_str().unwrap(),
+    ];
+    let record_path = record_dir.join("sweep.json");
+    let run = kill_after_first_epoch(spawn(&args), || {
+        SweepRecord::read(&record_path).ok()?.runs[0]
+            .run_dir
+            .clone()
+    });
+    as_left_by_a_lost_node(&run);
+
+    let output = run_binary(&args);
+    assert_success(&output);
+    let record = SweepRecord::read(&record_path).unwrap();
+    assert!(
+        record.runs.iter().all(|r| r.status == Status::Completed),
+        "{:?}",
+        record.runs.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(record.runs[0].run_dir.as_deref(), Some(run.as_path()));
+    assert_eq!(summary(&run).epochs_completed, 3);
+    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 2);
+}
+
+#[test]
+fn a_sweep_record_pointing_at_another_entrys_run_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let grid = write(
+        work.path(),
+        "grid.toml",
+        &format!("{SMALL}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n"),
+    );
+    let runs = work.path().join("runs");
+    let record_dir = work.path().join("record");
+    let args = [
+        "sweep",
+        &grid,
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--resume",
+        record_dir.to_str().unwrap(),
+    ];
+    assert_success(&run_binary(&args));
+    let record_path = record_dir.join("sweep.json");
+    let original = std::fs::read_to_string(&record_path).unwrap();
+
+    // The entries' directories swapped, their runs marked as stopped: without
+    // the check the sweep would settle each entry from the other's run.
+    let mut record: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let dirs = [
+        record["runs"][0]["run_dir"].clone(),
+        record["runs"][1]["run_dir"].clone(),
+    ];
+    for (i, dir) in [(0, &dirs[1]), (1, &dirs[0])] {
+        record["runs"][i]["run_dir"] = dir.clone();
+        record["runs"][i]["status"] = "interrupted".into();
+    }
+    std::fs::write(&record_path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
+    let output = run_binary(&args);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("run 0 (")
+            && err.contains("another run's config")
+            && err.contains("optimizer.lr"),
+        "{err}"
+    );
+
+    // Two entries sharing one directory.
+    record["runs"][0]["run_dir"] = dirs[0].clone();
+    record["runs"][1]["run_dir"] = dirs[0].clone();
+    std::fs::write(&record_path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
+    let err = stderr(&run_binary(&args));
+    assert!(err.contains("records the same directory"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&runs).unwrap().count(),
+        2,
+        "nothing trained"
+    );
+}
