@@ -85,6 +85,9 @@ fn a_run_records_its_data_folder_and_eval_reads_only_the_test_files_there() {
     let set = format!("data.dir={}", test_only.display());
     let output = run_binary(&["eval", run.to_str().unwrap(), "--set", &set]);
     assert_success(&output);
+    // Another folder's files are not the run's test set: nothing written.
+    assert!(!run.join("eval.json").exists(), "{}", stderr(&output));
+    assert_success(&run_binary(&["eval", run.to_str().unwrap()]));
 
     // Evaluating a smaller test set prints its figures but keeps the run's files.
     let before = std::fs::read(run.join("eval.json")).unwrap();
