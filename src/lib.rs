@@ -8,8 +8,10 @@
 //!   progress bars, logging, TensorBoard event files, the allocation count.
 //! - [`data`]: the `[data]` config; MNIST found or downloaded, read, split,
 //!   prepared as tensors, augmented.
+//! - [`kernels`]: the fast CPU ops, each with its own backward pass, as Candle
+//!   custom ops; the threads that train a batch as two halves.
 //! - [`model`]: the `[model]` config and the list of model kinds; the networks,
-//!   their layers, the fast CPU kernels, checkpoints.
+//!   their layers, checkpoints.
 //! - [`train`]: the `[train]`, `[optimizer]` and `[schedule]` configs; the
 //!   trainer (one epoch, one step, evaluation), optimisers, schedules, the
 //!   moving average of the weights.
@@ -25,6 +27,7 @@ pub mod analyze;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod kernels;
 pub mod model;
 pub mod run;
 pub mod train;

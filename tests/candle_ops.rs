@@ -4,8 +4,8 @@
 
 use candle_core::{Device, Tensor};
 use mnist_lab::config::Config;
+use mnist_lab::kernels;
 use mnist_lab::model::ModelKind;
-use mnist_lab::model::kernels;
 use mnist_lab::train::{self, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

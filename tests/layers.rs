@@ -5,8 +5,8 @@
 use std::path::Path;
 
 /// Lowest first. `main.rs` and `lib.rs` sit above everything.
-const LAYERS: [&str; 8] = [
-    "util", "data", "model", "train", "config", "run", "analyze", "cli",
+const LAYERS: [&str; 9] = [
+    "util", "data", "kernels", "model", "train", "config", "run", "analyze", "cli",
 ];
 
 fn layer_of(name: &str) -> Option<usize> {
@@ -25,24 +25,132 @@ fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// The top-level modules `text` refers to through `crate::NAME`.
-fn crate_references(text: &str) -> Vec<String> {
+/// The top-level modules (layers) that `text`, the source of the module at
+/// `module` (`["run", "sweep", "record"]` for `src/run/sweep/record.rs`), refers
+/// to: through `crate::NAME`, grouped imports (`crate::{a::X, b}`), `super::`
+/// chains that climb to the crate root (counting inline `mod NAME { ... }`
+/// blocks), and globs; `*` stands for a glob of the crate root itself.
+fn layer_references(text: &str, module: &[&str]) -> Vec<String> {
     let mut found = Vec::new();
     for (start, _) in text.match_indices("crate::") {
         // `mnist_lab::`-style paths do not occur inside the library; skip `$crate`.
         if text[..start].ends_with('$') {
             continue;
         }
-        let rest = &text[start + "crate::".len()..];
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        if !name.is_empty() {
-            found.push(name);
+        found.extend(root_items(&text[start + "crate::".len()..]));
+    }
+    let bytes = text.as_bytes();
+    for (start, _) in text.match_indices("super::") {
+        // Only the first `super::` of a chain.
+        if text[..start].ends_with("::")
+            || bytes
+                .get(start.wrapping_sub(1))
+                .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        {
+            continue;
+        }
+        let mut rest = &text[start..];
+        let mut ups = 0;
+        while let Some(after) = rest.strip_prefix("super::") {
+            ups += 1;
+            rest = after;
+        }
+        let depth = module.len() + inline_modules_open(&text[..start]);
+        if ups >= depth {
+            found.extend(root_items(rest));
         }
     }
     found
+}
+
+/// The first segment of a path from the crate root, or of each item of a
+/// `{...}` group; `*` for a glob.
+fn root_items(path: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        let s = s.trim_start();
+        if s.starts_with('*') {
+            return "*".into();
+        }
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let Some(group) = path.strip_prefix('{') else {
+        return vec![ident(path)]
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect();
+    };
+    // Split the group at its own top-level commas.
+    let (mut items, mut depth, mut item_start) = (Vec::new(), 0, 0);
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                items.push(&group[item_start..i]);
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&group[item_start..i]);
+                item_start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items
+        .into_iter()
+        .map(ident)
+        .filter(|n| !n.is_empty() && n != "self")
+        .collect()
+}
+
+/// How many inline `mod NAME {` blocks are open at the end of `before`.
+fn inline_modules_open(before: &str) -> usize {
+    let mut open: Vec<usize> = Vec::new(); // brace depth at which each opened
+    let mut depth = 0usize;
+    let mut pending_mod = false;
+    let words = before.split_inclusive(|c: char| c == '{' || c == '}' || c.is_whitespace());
+    let mut previous = "";
+    for word in words {
+        let token = word.trim_end_matches(|c: char| c == '{' || c == '}' || c.is_whitespace());
+        if previous == "mod" && !token.is_empty() {
+            pending_mod = true;
+        }
+        if !token.is_empty() {
+            previous = token;
+        }
+        if word.ends_with('{') {
+            depth += 1;
+            if pending_mod {
+                open.push(depth);
+            }
+            pending_mod = false;
+        } else if word.ends_with('}') {
+            if open.last() == Some(&depth) {
+                open.pop();
+            }
+            depth = depth.saturating_sub(1);
+        } else if word.ends_with(';') || token.ends_with(';') {
+            pending_mod = false;
+        }
+    }
+    open.len()
+}
+
+/// The module path of a source file under `src/`: its folders and stem
+/// (`mod.rs` and `lib.rs`/`main.rs` add nothing).
+fn module_path(relative: &Path) -> Vec<String> {
+    let mut parts: Vec<String> = relative
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let file = parts.pop().unwrap_or_default();
+    let stem = file.trim_end_matches(".rs");
+    if !matches!(stem, "mod" | "lib" | "main") {
+        parts.push(stem.to_string());
+    }
+    parts
 }
 
 #[test]
@@ -63,19 +171,37 @@ fn no_module_imports_a_higher_layer() {
             continue;
         };
         let text = std::fs::read_to_string(file).unwrap();
-        for name in crate_references(&text) {
-            let layer = layer_of(&name)
-                .unwrap_or_else(|| panic!("{}: crate::{name} is no layer", relative.display()));
-            if layer > own {
-                violations.push(format!("{} uses crate::{name}", relative.display()));
-            }
-        }
+        let module = module_path(relative);
+        let module: Vec<&str> = module.iter().map(String::as_str).collect();
+        violations.extend(violations_in(
+            &text,
+            &module,
+            own,
+            &relative.display().to_string(),
+        ));
     }
     assert!(
         violations.is_empty(),
         "imports from a higher layer:\n{}",
         violations.join("\n")
     );
+}
+
+/// What `text` (the module at `module`, in layer `own`) imports from above
+/// its layer, or from the whole crate root at once.
+fn violations_in(text: &str, module: &[&str], own: usize, file: &str) -> Vec<String> {
+    let mut violations = Vec::new();
+    for name in layer_references(text, module) {
+        if name == "*" {
+            violations.push(format!("{file} imports the crate root with a glob"));
+            continue;
+        }
+        let layer = layer_of(&name).unwrap_or_else(|| panic!("{file}: crate::{name} is no layer"));
+        if layer > own {
+            violations.push(format!("{file} uses crate::{name}"));
+        }
+    }
+    violations
 }
 
 #[test]
@@ -95,7 +221,38 @@ fn the_source_root_holds_only_the_entry_points_and_the_layers() {
 
 #[test]
 fn the_checker_sees_references() {
-    let refs =
-        crate_references("use crate::run::rundir;\nlet x = crate::util::fsio::read_text(p);");
+    let refs = layer_references(
+        "use crate::run::rundir;\nlet x = crate::util::fsio::read_text(p);",
+        &["analyze", "x"],
+    );
     assert_eq!(refs, vec!["run", "util"]);
+}
+
+/// Each way of naming a higher layer from `run/x.rs` is caught.
+#[test]
+fn the_checker_catches_every_import_form() {
+    let run = layer_of("run").unwrap();
+    let caught = |text: &str| !violations_in(text, &["run", "x"], run, "run/x.rs").is_empty();
+    for upward in [
+        "use crate::cli::UsageError;",
+        "use crate::{util::fsio, cli::UsageError};",
+        "use crate::{\n    util::{fsio, table},\n    analyze::report,\n};",
+        "use super::super::cli::UsageError;",
+        "mod tests {\n    use super::super::super::cli::X;\n}",
+        "use super::super::{util, cli};",
+        "use crate::cli::*;",
+        "use crate::{util, cli::*};",
+        "use crate::*;",
+        "use super::super::*;",
+    ] {
+        assert!(caught(upward), "missed: {upward}");
+    }
+    for within in [
+        "use crate::{util::fsio, data::Split, run::metrics};",
+        "use super::metrics;",
+        "mod tests {\n    use super::*;\n    use super::super::metrics;\n}",
+        "use crate::util::*;",
+    ] {
+        assert!(!caught(within), "flagged: {within}");
+    }
 }

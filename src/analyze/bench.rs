@@ -14,7 +14,8 @@ use serde::Serialize;
 use crate::analyze::{AnalyzeError, Result};
 use crate::config::Config;
 use crate::data::Datasets;
-use crate::model::{ModelKind, kernels};
+use crate::kernels;
+use crate::model::ModelKind;
 use crate::train::{self, Trainer};
 use crate::util::device::DeviceSpec;
 use crate::util::fsio::{FileError, write_atomic};
@@ -32,18 +33,21 @@ const BATCH_POOL: usize = 100;
 /// for `lenet5_reg` BatchNorm with weight decay 5e-4.
 pub fn preset_config(preset: &str, batch_size: usize) -> Result<Config> {
     let mut config = Config::default();
-    match preset {
-        "lenet5" => {}
-        "lenet5_reg" => {
-            config.model.batch_norm = true;
-            config.optimizer.weight_decay = 5e-4;
-        }
-        "custom_mlp" => config.model.kind = ModelKind::CustomMlp,
-        other => {
-            return Err(AnalyzeError::Usage(format!(
-                "unknown model {other:?}: expected one of {PRESETS:?}"
-            )));
-        }
+    let (kind, regularised) = match preset.strip_suffix("_reg") {
+        Some(kind) => (kind, true),
+        None => (preset, false),
+    };
+    let kind = (ModelKind::ALL.iter())
+        .find(|k| k.name() == kind && PRESETS.contains(&preset))
+        .ok_or_else(|| {
+            AnalyzeError::Usage(format!(
+                "unknown model {preset:?}: expected one of {PRESETS:?}"
+            ))
+        })?;
+    config.model.kind = *kind;
+    if regularised {
+        config.model.batch_norm = true;
+        config.optimizer.weight_decay = 5e-4;
     }
     config.name = preset.to_string();
     config.optimizer.lr = Some(0.01);

@@ -2,7 +2,6 @@
 //! rules that tie sections together.
 
 use crate::config::Config;
-use crate::model::ModelKind;
 use crate::util::invalid::{InvalidField, invalid};
 
 impl Config {
@@ -19,10 +18,18 @@ impl Config {
             .validate(self.optimizer.lr(), self.train.epochs)?;
         self.train.validate()?;
         self.device.validate()?;
-        if self.model.kind == ModelKind::Lenet5 && !self.data.pad_to_32 {
+        let kind = self.model.kind;
+        if let Some(side) = kind.input_side()
+            && side != self.data.input_side()
+        {
             return invalid(
                 "data.pad_to_32",
-                "lenet5 needs 32x32 inputs (its third convolution leaves 1x1); set it to true",
+                format!(
+                    "{kind} needs {side}x{side} inputs, and pad_to_32 = {} gives {}x{}",
+                    self.data.pad_to_32,
+                    self.data.input_side(),
+                    self.data.input_side()
+                ),
             );
         }
         if self.train.early_stopping > 0 && self.data.validation_size == 0 {

@@ -106,10 +106,16 @@ mod tests {
 
     #[test]
     fn save_then_load_restores_every_tensor() {
+        for &kind in ModelKind::ALL {
+            save_then_load(kind);
+        }
+    }
+
+    fn save_then_load(kind: ModelKind) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
         let config = ModelConfig {
-            kind: ModelKind::Lenet5,
+            kind,
             batch_norm: true,
             dropout: 0.0,
         };
@@ -120,14 +126,15 @@ mod tests {
         let images =
             (Tensor::rand(0f32, 1.0, (8, 1, 32, 32), &Device::Cpu).unwrap() * 3.0).unwrap();
         for _ in 0..3 {
-            crate::model::kernels::install(&Device::Cpu, || model.logits(&images, true)).unwrap();
+            crate::kernels::install(&Device::Cpu, || model.logits(&images, true)).unwrap();
         }
         save(&source, 17, &path).unwrap();
 
         let raw = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         assert_eq!(
-            raw["bn2.num_batches_tracked"].to_scalar::<i64>().unwrap(),
-            17
+            raw["bn1.num_batches_tracked"].to_scalar::<i64>().unwrap(),
+            17,
+            "{kind}"
         );
 
         let target = VarMap::new();
@@ -137,12 +144,12 @@ mod tests {
         assert_eq!(source.len(), target.len());
         let values = |t: &candle_core::Var| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (name, var) in source.iter() {
-            assert_eq!(values(var), values(&target[name]), "{name}");
+            assert_eq!(values(var), values(&target[name]), "{kind} {name}");
         }
         let moved = values(&source["bn1.running_mean"]);
         assert!(
             moved.iter().all(|&m| m != 0.0),
-            "statistics moved: {moved:?}"
+            "{kind}: statistics moved: {moved:?}"
         );
     }
 

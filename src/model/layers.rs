@@ -10,7 +10,7 @@ use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::kernels::{self, BatchStats, Norm};
+use crate::kernels::{self, BatchStats, Norm};
 
 /// A layer, then BatchNorm when enabled, then tanh, then 2x2 max-pooling when
 /// `pool`: the unit both networks repeat.

@@ -18,6 +18,11 @@ pub struct LeNet5 {
 }
 
 impl Network for LeNet5 {
+    /// Its third convolution (k5) turns 5x5 into 1x1: 32x32 inputs only.
+    const INPUT_SIDE: Option<usize> = Some(32);
+    /// The halves meet between convolutions that take most of the step.
+    const HALVES_WITH_BATCH_NORM: bool = true;
+
     fn new(vb: VarBuilder, spec: &NetworkSpec) -> Result<Self> {
         let batch_norm = spec.batch_norm;
         let device = vb.device().clone();

@@ -1,11 +1,10 @@
 //! The networks, built from a `VarBuilder` so that tensor names follow PyTorch's
 //! `state_dict` (`conv1.weight`, `bn1.running_mean`, `fc7.bias`, ...): the
 //! `[model]` config, the list of model kinds, and what every network shares.
-//! [`layers`] holds the building blocks, [`kernels`] the fast CPU ops under them,
+//! [`layers`] holds the building blocks (over [`crate::kernels`]),
 //! [`checkpoint`] reads and writes the weights.
 
 pub mod checkpoint;
-pub mod kernels;
 pub mod layers;
 mod lenet5;
 mod mlp;
@@ -34,6 +33,15 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Whether a training batch of this model may run as two halves side by
+    /// side, one per thread, their gradients added (the trainer's CPU path).
+    /// Not with dropout, whose draws come from one stream in the whole batch's
+    /// order; with BatchNorm only where the network says the halves' meetings
+    /// at each BatchNorm pay ([`Network::HALVES_WITH_BATCH_NORM`]).
+    pub fn trains_as_halves(&self) -> bool {
+        self.dropout == 0.0 && (!self.batch_norm || self.kind.halves_with_batch_norm())
+    }
+
     /// Range checks of the `[model]` fields.
     pub fn validate(&self) -> std::result::Result<(), InvalidField> {
         if !(0.0..1.0).contains(&self.dropout) {
@@ -71,6 +79,20 @@ macro_rules! model_kinds {
                 Ok(match self {
                     $(ModelKind::$variant => Box::new(<$network>::new(vb, spec)?),)+
                 })
+            }
+
+            /// [`Network::INPUT_SIDE`] of this kind's network.
+            pub fn input_side(self) -> Option<usize> {
+                match self {
+                    $(ModelKind::$variant => <$network as Network>::INPUT_SIDE,)+
+                }
+            }
+
+            /// [`Network::HALVES_WITH_BATCH_NORM`] of this kind's network.
+            fn halves_with_batch_norm(self) -> bool {
+                match self {
+                    $(ModelKind::$variant => <$network as Network>::HALVES_WITH_BATCH_NORM,)+
+                }
             }
         }
     };
@@ -115,6 +137,14 @@ impl NetworkSpec {
 
 /// A network type a [`ModelKind`] builds.
 pub trait Network: Classifier + Sized + 'static {
+    /// The input side the network needs, if it takes only one (`data.pad_to_32`
+    /// must give it).
+    const INPUT_SIDE: Option<usize>;
+    /// Whether its BatchNorm batches train as two halves that meet at each
+    /// BatchNorm to add their sums: worth it where the layers between the
+    /// meetings are large (convolutions), not where they are small.
+    const HALVES_WITH_BATCH_NORM: bool;
+
     /// Creates the network's variables under `vb`, named as PyTorch's `state_dict`.
     fn new(vb: VarBuilder, spec: &NetworkSpec) -> Result<Self>;
 }
@@ -218,22 +248,22 @@ mod tests {
         (model, varmap)
     }
 
+    /// Each kind's trainable parameters, without and with BatchNorm (which
+    /// adds only its weight and bias per feature). A new kind adds its row.
+    const PARAMETERS: &[(ModelKind, usize, usize)] = &[
+        (ModelKind::Lenet5, 61_706, 61_706 + 2 * (6 + 16 + 120 + 84)),
+        (ModelKind::CustomMlp, 61_450, 61_450 + 2 * 6 * 48),
+    ];
+
     #[test]
     fn parameter_counts_match_the_report() {
-        assert_eq!(parameter_count(&built(ModelKind::Lenet5, false).1), 61_706);
-        assert_eq!(
-            parameter_count(&built(ModelKind::CustomMlp, false).1),
-            61_450
-        );
-        // BatchNorm adds only its own weight and bias per feature.
-        assert_eq!(
-            parameter_count(&built(ModelKind::Lenet5, true).1),
-            61_706 + 2 * (6 + 16 + 120 + 84)
-        );
-        assert_eq!(
-            parameter_count(&built(ModelKind::CustomMlp, true).1),
-            61_450 + 2 * 6 * 48
-        );
+        for &kind in ModelKind::ALL {
+            let &(_, plain, with_bn) = (PARAMETERS.iter())
+                .find(|(k, _, _)| *k == kind)
+                .unwrap_or_else(|| panic!("{kind}: no row in PARAMETERS"));
+            assert_eq!(parameter_count(&built(kind, false).1), plain, "{kind}");
+            assert_eq!(parameter_count(&built(kind, true).1), with_bn, "{kind}");
+        }
     }
 
     #[test]
@@ -263,7 +293,7 @@ mod tests {
     #[test]
     fn forward_gives_ten_logits_per_image_in_both_modes() {
         let images = Tensor::randn(0f32, 1.0, (3, 1, 32, 32), &Device::Cpu).unwrap();
-        for kind in [ModelKind::Lenet5, ModelKind::CustomMlp] {
+        for &kind in ModelKind::ALL {
             for batch_norm in [false, true] {
                 let (model, _) = built(kind, batch_norm);
                 for train in [false, true] {

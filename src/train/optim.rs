@@ -9,8 +9,8 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use smart_default::SmartDefault;
 
+use crate::kernels::{self, f32_data, f32_data_mut};
 use crate::model::is_trainable;
-use crate::model::kernels::{self, f32_data, f32_data_mut};
 use crate::util::invalid::{InvalidField, in_range, invalid};
 
 /// `[optimizer]`: SGD (with PyTorch's momentum, Nesterov and L2 semantics), Adam or AdamW.
@@ -550,7 +550,7 @@ mod tests {
     /// ops, momentum buffer included, with and without each of its options.
     #[test]
     fn sgd_in_place_equals_sgd_on_candle_ops() {
-        use crate::model::kernels::testing::random;
+        use crate::kernels::testing::random;
         for (momentum, nesterov, weight_decay) in [
             (0.0, false, 0.0),
             (0.0, false, 5e-4),

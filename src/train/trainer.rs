@@ -12,8 +12,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Tensors;
-use crate::model::{self, Classifier, ModelKind};
-use crate::model::{checkpoint, kernels};
+use crate::kernels;
+use crate::model::checkpoint;
+use crate::model::{self, Classifier};
 use crate::train::ema::Ema;
 use crate::train::optim::Optimizer;
 use crate::train::schedule;
@@ -324,14 +325,7 @@ impl Trainer {
     /// Whether a batch of `n` examples on `device` trains as two halves (see
     /// [`Trainer::forward_backward`]).
     fn splits_batch(&self, n: usize, device: &Device) -> bool {
-        let model = &self.setup.model;
-        // Dropout's draws come from one stream, in the whole batch's order.
-        let no_dropout = model.dropout == 0.0;
-        // BatchNorm halves meet three times per BatchNorm layer: worth it
-        // between LeNet5's convolutions, not between CustomMLP's small layers
-        // (custom_mlp_reg trained at 30-33k images/s as halves, 49k whole).
-        let halves_pay = !model.batch_norm || model.kind == ModelKind::Lenet5;
-        no_dropout && halves_pay && n >= MIN_SPLIT_BATCH && kernels::enabled(device)
+        self.setup.model.trains_as_halves() && n >= MIN_SPLIT_BATCH && kernels::enabled(device)
     }
 
     /// Forward and backward over `images`, the loss scaled by `share` (this
@@ -444,8 +438,8 @@ fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelConfig;
-    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
+    use crate::kernels::testing::{max_diff, on_the_kernel_path, random};
+    use crate::model::{ModelConfig, ModelKind};
 
     #[test]
     fn label_smoothing_matches_pytorch() {
@@ -541,7 +535,7 @@ mod tests {
     #[test]
     fn split_batches_give_the_whole_batch_gradient() {
         on_the_kernel_path();
-        for model in [ModelKind::Lenet5, ModelKind::CustomMlp] {
+        for &model in ModelKind::ALL {
             let trainer = trainer(model, false);
             assert!(trainer.splits_batch(37, &Device::Cpu), "{model:?} splits");
             let [split, whole] = split_and_whole(&trainer, 37);
@@ -557,9 +551,12 @@ mod tests {
     #[test]
     fn batch_norm_halves_give_the_whole_batch_gradient() {
         on_the_kernel_path();
-        assert!(!trainer(ModelKind::CustomMlp, true).splits_batch(64, &Device::Cpu));
-        assert!(trainer(ModelKind::Lenet5, true).splits_batch(37, &Device::Cpu));
-        for model in [ModelKind::Lenet5, ModelKind::CustomMlp] {
+        for &model in ModelKind::ALL {
+            let trainer = trainer(model, true);
+            let policy = trainer.setup.model.trains_as_halves();
+            assert_eq!(trainer.splits_batch(37, &Device::Cpu), policy, "{model:?}");
+        }
+        for &model in ModelKind::ALL {
             let [split, whole] = [0, 1].map(|_| trainer(model, true));
             let (images, labels) = batch(37);
             let split_pass = split.two_halves(&images, &labels).unwrap();

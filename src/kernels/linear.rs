@@ -292,8 +292,8 @@ impl CustomOp2 for LinearGradParams {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
-    use crate::model::kernels::{linear, linear_affine_tanh};
+    use crate::kernels::testing::{max_diff, on_the_kernel_path, random};
+    use crate::kernels::{linear, linear_affine_tanh};
     use candle_core::Var;
 
     #[test]

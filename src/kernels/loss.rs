@@ -111,8 +111,8 @@ impl CustomOp2 for CrossEntropyGrad {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::kernels::cross_entropy;
-    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
+    use crate::kernels::cross_entropy;
+    use crate::kernels::testing::{max_diff, on_the_kernel_path, random};
     use candle_core::{Device, Tensor, Var};
 
     /// Loss and gradient against candle-nn's, for `n` rows of logits scaled by `scale`.

@@ -590,10 +590,8 @@ impl ActivationGrad {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::kernels::testing::{
-        candle_tail as reference, max_diff, on_the_kernel_path, random,
-    };
-    use crate::model::kernels::{BatchStats, Norm, activation};
+    use crate::kernels::testing::{candle_tail as reference, max_diff, on_the_kernel_path, random};
+    use crate::kernels::{BatchStats, Norm, activation};
     use candle_core::{DType, Device, Tensor, Var};
 
     fn check(shape: &[usize], norm: Norm, pool: bool) {

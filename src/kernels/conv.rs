@@ -485,8 +485,8 @@ fn copy_row(dst: &mut [f32], src: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::kernels::conv2d;
-    use crate::model::kernels::testing::{max_diff, on_the_kernel_path, random};
+    use crate::kernels::conv2d;
+    use crate::kernels::testing::{max_diff, on_the_kernel_path, random};
     use candle_core::Var;
 
     /// Forward and all three gradients of our conv against Candle's, through a

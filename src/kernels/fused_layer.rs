@@ -298,8 +298,8 @@ impl CustomOp3 for FusedLayer {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::kernels::testing::{candle_tail, max_diff, on_the_kernel_path, random};
-    use crate::model::kernels::{Norm, fused_layer};
+    use crate::kernels::testing::{candle_tail, max_diff, on_the_kernel_path, random};
+    use crate::kernels::{Norm, fused_layer};
     use candle_core::{Tensor, Var};
 
     /// Forward, batch statistics and the gradients of the input and all four
