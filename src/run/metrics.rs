@@ -1,8 +1,10 @@
-//! The figures of each epoch: one row of `metrics.csv` and one `epoch` event.
+//! The figures of each epoch: one row of `metrics.csv`, one `epoch` event, the
+//! TensorBoard scalars and the console line.
 //!
 //! A new column is one line in the `epoch_metrics!` list below, plus the place
 //! that measures it ([`crate::run::experiment`]); the CSV header, the event's
-//! fields and the reading of older files (which lack it) follow from the list.
+//! fields, the TensorBoard tag, the console line and the reading of older files
+//! (which lack it) follow from the list.
 
 use std::path::Path;
 
@@ -13,10 +15,11 @@ use crate::util::telemetry::{CONSOLE_TARGET, RECORD_TARGET};
 use crate::run::rundir::RunFileError;
 use crate::util::fsio::FileError;
 
-/// Declares [`EpochMetrics`] and its event from one list of
-/// `field: type, decimals in the event (None: as is)`.
+/// Declares [`EpochMetrics`], its event, its TensorBoard scalars and its console
+/// line from one list of `field: type, decimals in the event (None: as is),
+/// TensorBoard tag (None: not a curve), how the console shows it (None: not)`.
 macro_rules! epoch_metrics {
-    ($($(#[$doc:meta])* $field:ident: $ty:ty, $decimals:expr;)*) => {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty, $decimals:expr, $tag:expr, $console:expr;)*) => {
         /// One row of `metrics.csv`: the figures of one epoch.
         #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
         // A column added later reads as 0 from files written before it.
@@ -31,9 +34,34 @@ macro_rules! epoch_metrics {
             pub fn log(&self, epochs: usize) {
                 tracing::info!(
                     target: RECORD_TARGET,
-                    $($field = ForLog::for_log(self.$field, $decimals),)* "epoch"
+                    $($field = Column::for_log(self.$field, $decimals),)* "epoch"
                 );
                 tracing::info!(target: CONSOLE_TARGET, "{}", self.console_line(epochs));
+            }
+
+            /// Each column that is a TensorBoard curve, as `(tag, value)`;
+            /// columns without a value this epoch are left out.
+            pub fn board_scalars(&self) -> Vec<(&'static str, f64)> {
+                let mut scalars = Vec::new();
+                $(
+                    let tag: Option<&'static str> = $tag;
+                    if let (Some(tag), Some(value)) = (tag, Column::value(self.$field)) {
+                        scalars.push((tag, value));
+                    }
+                )*
+                scalars
+            }
+
+            /// Each column the console shows, with its value, in list order.
+            fn console_columns(&self) -> Vec<(Console, f64)> {
+                let mut shown = Vec::new();
+                $(
+                    let console: Option<Console> = $console;
+                    if let (Some(console), Some(value)) = (console, Column::value(self.$field)) {
+                        shown.push((console, value));
+                    }
+                )*
+                shown
             }
         }
     };
@@ -41,19 +69,70 @@ macro_rules! epoch_metrics {
 
 epoch_metrics! {
     /// Counts from 1.
-    epoch: usize, None;
+    epoch: usize, None, None, Some(Console::before("epoch", Shown::OfEpochs));
     /// Mean loss over the epoch's training batches (dropout and augmentation on).
-    train_loss: f64, Some(5);
-    train_acc: f64, Some(5);
+    train_loss: f64, Some(5), Some("loss/train"), Some(Console::before("loss", Shown::Fixed(4)));
+    train_acc: f64, Some(5), Some("accuracy/train"), Some(Console::before("acc", Shown::Percent));
     /// `None` (an empty cell) when no images are held out (`data.validation_size = 0`).
-    val_loss: Option<f64>, Some(5);
-    val_acc: Option<f64>, Some(5);
+    val_loss: Option<f64>, Some(5), Some("loss/validation"), Some(Console::before("loss", Shown::Fixed(4)));
+    val_acc: Option<f64>, Some(5), Some("accuracy/validation"), Some(Console::before("acc", Shown::Percent));
     /// The learning rate at the start of the epoch.
-    lr: f64, None;
+    lr: f64, None, Some("learning_rate"), Some(Console::before("lr", Shown::Fixed(4)));
     /// Training and validation.
-    epoch_secs: f64, Some(3);
+    epoch_secs: f64, Some(3), Some("epoch_secs"), Some(Console::after("s", Shown::Fixed(1)));
     /// Training images per second.
-    images_per_sec: f64, Some(0);
+    images_per_sec: f64, Some(0), Some("images_per_sec"), Some(Console::after("img/s", Shown::Count));
+}
+
+/// How the console line shows a column: a label before its value or a unit
+/// after it. Columns with the same label share it, at the first one's place,
+/// their values joined by `/` (`loss 0.0410/0.0380`: training, then validation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Console {
+    label: &'static str,
+    unit: &'static str,
+    shown: Shown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Shown {
+    /// `3/20`, right-aligned to the width of the epoch count.
+    OfEpochs,
+    Fixed(usize),
+    /// A fraction as a percentage with two decimals.
+    Percent,
+    /// [`short_count`].
+    Count,
+}
+
+impl Console {
+    const fn before(label: &'static str, shown: Shown) -> Console {
+        Console {
+            label,
+            unit: "",
+            shown,
+        }
+    }
+
+    const fn after(unit: &'static str, shown: Shown) -> Console {
+        Console {
+            label: "",
+            unit,
+            shown,
+        }
+    }
+
+    fn value(&self, value: f64, epochs: usize) -> String {
+        match self.shown {
+            Shown::OfEpochs => {
+                let width = epochs.to_string().len();
+                format!("{:>width$}/{epochs}", value as usize)
+            }
+            Shown::Fixed(decimals) => format!("{value:.decimals$}"),
+            Shown::Percent => format!("{:.2}%", 100.0 * value),
+            Shown::Count => short_count(value),
+        }
+    }
 }
 
 impl EpochMetrics {
@@ -61,24 +140,23 @@ impl EpochMetrics {
     /// train/validation pairs, in percents where the rest of the tool shows percents
     /// (the training figure alone when no images are held out).
     pub fn console_line(&self, epochs: usize) -> String {
-        let width = epochs.to_string().len();
-        let (loss, acc) = match self.val_loss.zip(self.val_acc) {
-            Some((val_loss, val_acc)) => (
-                format!("{:.4}/{val_loss:.4}", self.train_loss),
-                format!("{:.2}%/{:.2}%", 100.0 * self.train_acc, 100.0 * val_acc),
-            ),
-            None => (
-                format!("{:.4}", self.train_loss),
-                format!("{:.2}%", 100.0 * self.train_acc),
-            ),
-        };
-        format!(
-            "epoch {:>width$}/{epochs}  loss {loss}  acc {acc}  lr {:.4}  {:.1} s  {} img/s",
-            self.epoch,
-            self.lr,
-            self.epoch_secs,
-            short_count(self.images_per_sec),
-        )
+        let mut parts: Vec<(&str, String)> = Vec::new();
+        for (console, value) in self.console_columns() {
+            let text = console.value(value, epochs);
+            let labelled = !console.label.is_empty();
+            match parts
+                .iter_mut()
+                .find(|(label, _)| labelled && *label == console.label)
+            {
+                Some((_, shared)) => *shared += &format!("/{text}"),
+                None if labelled => {
+                    parts.push((console.label, format!("{} {text}", console.label)))
+                }
+                None => parts.push(("", format!("{text} {}", console.unit))),
+            }
+        }
+        let parts: Vec<String> = parts.into_iter().map(|(_, part)| part).collect();
+        parts.join("  ")
     }
 }
 
@@ -91,26 +169,40 @@ pub fn short_count(value: f64) -> String {
     }
 }
 
-/// A value as the event shows it: floats rounded to some decimals.
-trait ForLog: Copy {
+/// A column's value: as the event shows it (floats rounded to some
+/// decimals), and as a number for curves and the console.
+trait Column: Copy {
     fn for_log(self, decimals: Option<i32>) -> Self;
+    fn value(self) -> Option<f64>;
 }
 
-impl ForLog for usize {
+impl Column for usize {
     fn for_log(self, _decimals: Option<i32>) -> usize {
         self
     }
-}
 
-impl ForLog for f64 {
-    fn for_log(self, decimals: Option<i32>) -> f64 {
-        decimals.map_or(self, |d| round(self, d))
+    fn value(self) -> Option<f64> {
+        Some(self as f64)
     }
 }
 
-impl ForLog for Option<f64> {
+impl Column for f64 {
+    fn for_log(self, decimals: Option<i32>) -> f64 {
+        decimals.map_or(self, |d| round(self, d))
+    }
+
+    fn value(self) -> Option<f64> {
+        Some(self)
+    }
+}
+
+impl Column for Option<f64> {
     fn for_log(self, decimals: Option<i32>) -> Option<f64> {
         self.map(|v| v.for_log(decimals))
+    }
+
+    fn value(self) -> Option<f64> {
+        self
     }
 }
 
@@ -207,6 +299,44 @@ mod tests {
             "{}",
             unvalidated.console_line(20)
         );
+    }
+
+    /// Every column reaches the console line, and every curve TensorBoard,
+    /// from the one list.
+    #[test]
+    fn the_console_line_and_the_curves_come_from_the_list() {
+        let row = EpochMetrics {
+            epoch: 3,
+            train_loss: 0.041,
+            train_acc: 0.9871,
+            val_loss: Some(0.038),
+            val_acc: Some(0.989),
+            lr: 0.01,
+            epoch_secs: 4.08,
+            images_per_sec: 13_412.0,
+        };
+        assert_eq!(
+            row.console_line(20),
+            "epoch  3/20  loss 0.0410/0.0380  acc 98.71%/98.90%  lr 0.0100  4.1 s  13.4k img/s"
+        );
+        let tags: Vec<&str> = row.board_scalars().iter().map(|(tag, _)| *tag).collect();
+        assert_eq!(
+            tags,
+            [
+                "loss/train",
+                "accuracy/train",
+                "loss/validation",
+                "accuracy/validation",
+                "learning_rate",
+                "epoch_secs",
+                "images_per_sec"
+            ]
+        );
+        let unvalidated = EpochMetrics {
+            val_loss: None,
+            ..row
+        };
+        assert_eq!(unvalidated.board_scalars().len(), 6);
     }
 
     #[test]

@@ -176,15 +176,9 @@ impl TensorBoard {
         };
         for m in &self.history {
             (wall_time, step) = (wall_time + m.epoch_secs, m.epoch);
-            point("loss/train", step, wall_time, m.train_loss);
-            point("accuracy/train", step, wall_time, m.train_acc);
-            if let Some((loss, accuracy)) = m.val_loss.zip(m.val_acc) {
-                point("loss/validation", step, wall_time, loss);
-                point("accuracy/validation", step, wall_time, accuracy);
+            for (tag, value) in m.board_scalars() {
+                point(tag, step, wall_time, value);
             }
-            point("learning_rate", step, wall_time, m.lr);
-            point("images_per_sec", step, wall_time, m.images_per_sec);
-            point("epoch_secs", step, wall_time, m.epoch_secs);
         }
         if let Some((loss, accuracy)) = summary.and_then(|s| s.test_loss.zip(s.test_acc)) {
             point("test/loss", step, wall_time, loss);
