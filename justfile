@@ -12,7 +12,7 @@ sweep *ARGS:
 runs *ARGS:
     cargo run --release -- runs {{ARGS}}
 
-# Regenerate the README's results section and docs/results/ from the runs under runs/.
+# Regenerate docs/results.md (and its images in docs/results/) from the runs under runs/.
 report *ARGS:
     cargo run --release -- report {{ARGS}}
 

@@ -1,5 +1,5 @@
-//! `mnist-lab report`: the README's results section, regenerated from the runs on
-//! disk: the latest completed run of each config, its curves, the confusion
+//! `mnist-lab report`: the results section of `docs/results.md` (or another
+//! markdown file), regenerated from the runs on disk: the latest completed run of each config, its curves, the confusion
 //! matrix of the best model, a discussion written from the measured figures, and
 //! the configs run with several seeds as mean and spread.
 
@@ -34,19 +34,20 @@ const ORDER: [&str; 4] = ["lenet5", "custom_mlp", "lenet5_reg", "custom_mlp_reg"
 pub struct ReportOptions {
     pub runs_dir: PathBuf,
     pub configs_dir: PathBuf,
-    pub readme: PathBuf,
-    /// Where the images go, relative to the README's folder.
+    /// The markdown file whose marked part is rewritten.
+    pub output: PathBuf,
+    /// Where the images go, relative to that file's folder.
     pub assets: PathBuf,
 }
 
-/// Regenerates the images and the README section between the markers; returns
-/// the section's markdown.
+/// Regenerates the images and the output file's section between the markers;
+/// returns the section's markdown.
 pub fn generate(options: &ReportOptions) -> Result<String> {
-    let readme_text =
-        std::fs::read_to_string(&options.readme).map_err(FileError::on("read", &options.readme))?;
+    let text =
+        std::fs::read_to_string(&options.output).map_err(FileError::on("read", &options.output))?;
     let chosen = choose_runs(&options.configs_dir, &options.runs_dir)?;
     let curves = compare::load(chosen.single)?;
-    let root = options.readme.parent().unwrap_or(Path::new("."));
+    let root = options.output.parent().unwrap_or(Path::new("."));
     let assets_dir = root.join(&options.assets);
     std::fs::create_dir_all(&assets_dir).map_err(FileError::on("create", &assets_dir))?;
     let asset = |file: &str| (assets_dir.join(file), link(&options.assets, file));
@@ -54,7 +55,7 @@ pub fn generate(options: &ReportOptions) -> Result<String> {
     let mut markdown = String::new();
     if curves.is_empty() {
         markdown += &seed_report::section(&chosen.over_seeds, &chosen.all, &asset)?;
-        return finish(options, &readme_text, markdown);
+        return finish(options, &text, markdown);
     }
     markdown += &intro(&curves, &options.runs_dir);
     markdown += &results_table(&curves).to_markdown();
@@ -75,17 +76,16 @@ pub fn generate(options: &ReportOptions) -> Result<String> {
     markdown += &best_model_section(&curves, &asset)?;
     markdown += &discussion(&curves);
     markdown += &seed_report::section(&chosen.over_seeds, &chosen.all, &asset)?;
-    finish(options, &readme_text, markdown)
+    finish(options, &text, markdown)
 }
 
-/// Writes `markdown` between the README's markers; returns it.
-fn finish(options: &ReportOptions, readme_text: &str, markdown: String) -> Result<String> {
-    let updated =
-        replace_section(readme_text, &markdown).map_err(|reason| AnalyzeError::Readme {
-            path: options.readme.clone(),
-            reason,
-        })?;
-    write_atomic(&options.readme, updated.as_bytes())?;
+/// Writes `markdown` between the output file's markers; returns it.
+fn finish(options: &ReportOptions, text: &str, markdown: String) -> Result<String> {
+    let updated = replace_section(text, &markdown).map_err(|reason| AnalyzeError::Readme {
+        path: options.output.clone(),
+        reason,
+    })?;
+    write_atomic(&options.output, updated.as_bytes())?;
     Ok(markdown)
 }
 
@@ -423,7 +423,7 @@ fn against_baseline(s: &Summary, baseline: Option<&Curves>) -> String {
 
 /// `readme` with the text between the markers replaced by `section`. Only
 /// markers on lines of their own and outside fenced code blocks count (prose
-/// and examples may quote them); a README with CRLF line endings keeps them.
+/// and examples may quote them); a file with CRLF line endings keeps them.
 pub fn replace_section(readme: &str, section: &str) -> Result<String, String> {
     let lines = marker_lines(readme);
     let begin = (lines.iter())

@@ -283,11 +283,16 @@ pub(super) struct ReportArgs {
     /// The configs to report, one row each.
     #[arg(long, value_name = "DIR", default_value = "configs")]
     configs: PathBuf,
-    /// The README whose marked section is rewritten.
-    #[arg(long, value_name = "FILE", default_value = "README.md")]
-    readme: PathBuf,
-    /// Where the images go, relative to the README.
-    #[arg(long, value_name = "DIR", default_value = "docs/results")]
+    /// The markdown file whose marked part is rewritten.
+    #[arg(
+        long,
+        visible_alias = "readme",
+        value_name = "FILE",
+        default_value = "docs/results.md"
+    )]
+    output: PathBuf,
+    /// Where the images go, relative to that file's folder.
+    #[arg(long, value_name = "DIR", default_value = "results")]
     assets: PathBuf,
 }
 
@@ -296,10 +301,10 @@ impl ReportArgs {
         report::generate(&ReportOptions {
             runs_dir: self.runs_dir,
             configs_dir: self.configs,
-            readme: self.readme.clone(),
+            output: self.output.clone(),
             assets: self.assets,
         })?;
-        eprintln!("rewrote the results section of {}", self.readme.display());
+        eprintln!("rewrote the results section of {}", self.output.display());
         Ok(())
     }
 }

@@ -46,7 +46,7 @@ enum Command {
     Eval(EvalArgs),
     /// Classify image files with a trained run.
     Predict(PredictArgs),
-    /// Regenerate the README's results section from the runs on disk.
+    /// Regenerate docs/results.md (its marked section) from the runs on disk.
     Report(ReportArgs),
     /// Print a config with every default and override resolved, without running it.
     Config(ConfigArgs),
