@@ -256,3 +256,30 @@ fn the_checker_catches_every_import_form() {
         assert!(!caught(within), "flagged: {within}");
     }
 }
+
+/// A file a newcomer can read: at most this many lines, outside the kernels
+/// (whose SIMD loops and their tests read better whole).
+const MAX_FILE_LINES: usize = 450;
+
+#[test]
+fn no_file_outside_the_kernels_is_over_450_lines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    sources(&root.join("tests"), &mut files);
+    let kernels = root.join("src").join("kernels");
+    let long: Vec<String> = files
+        .iter()
+        .filter(|file| !file.starts_with(&kernels))
+        .filter_map(|file| {
+            let lines = std::fs::read_to_string(file).unwrap().lines().count();
+            let relative = file.strip_prefix(root).unwrap().display();
+            (lines > MAX_FILE_LINES).then(|| format!("{relative}: {lines} lines"))
+        })
+        .collect();
+    assert!(
+        long.is_empty(),
+        "over {MAX_FILE_LINES} lines:\n{}",
+        long.join("\n")
+    );
+}

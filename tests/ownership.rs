@@ -3,48 +3,17 @@
 //! process that is gone, on any host, is stale and taken over.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use mnist_lab::run::metrics::read_metrics;
-use mnist_lab::run::rundir::{self, Status, Summary};
+use mnist_lab::run::rundir::{self, Status};
 use mnist_lab::run::sweep::SweepRecord;
 
 mod common;
-use common::{assert_success, mnist_dir, only_run, run_binary};
-
-/// LeNet5 on 4,000 images: a few tenths of a second per epoch.
-const SMALL: &str = "name = \"small\"\n[data]\ntrain_size = 4000\nvalidation_size = 1000\n\
-    test_size = 1000\n[train]\nepochs = 1\n";
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mnist-lab"))
-        .args(args)
-        .env("MNIST_DIR", mnist_dir())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn summary(run: &Path) -> Summary {
-    rundir::read_summary(&run.join(rundir::SUMMARY_FILE)).unwrap()
-}
-
-fn rows(run: &Path) -> usize {
-    read_metrics(&run.join(rundir::METRICS_FILE)).unwrap().len()
-}
+use common::{
+    SMALL_LENET5, assert_success, metrics_rows, only_run, run_binary, spawn, stderr, summary,
+    write_in,
+};
 
 /// Two processes on the same command line, started together: the one that
 /// succeeded, and the other's output.
@@ -69,7 +38,10 @@ fn race(args: &[&str]) -> ((u32, Output), (u32, Output)) {
 fn two_resumes_of_one_run_started_together_train_it_once() {
     let work = tempfile::tempdir().unwrap();
     let runs = work.path().join("runs");
-    let run = common::trained_run(work.path(), &write(work.path(), "small.toml", SMALL));
+    let run = common::trained_run(
+        work.path(),
+        &write_in(work.path(), "small.toml", SMALL_LENET5),
+    );
     let ((winner, _), (_, loser)) =
         race(&["resume", run.to_str().unwrap(), "--set", "train.epochs=4"]);
     assert_eq!(loser.status.code(), Some(1), "{}", stderr(&loser));
@@ -87,19 +59,19 @@ fn two_resumes_of_one_run_started_together_train_it_once() {
         (Status::Completed, 4)
     );
     assert_eq!(after.resumed_at.len(), 1, "resumed once");
-    assert_eq!(rows(&run), 4);
+    assert_eq!(metrics_rows(&run), 4);
     assert_eq!(only_run(&runs), run);
 }
 
 #[test]
 fn two_sweeps_continuing_one_record_train_each_run_once() {
     let work = tempfile::tempdir().unwrap();
-    let grid = write(
+    let grid = write_in(
         work.path(),
         "grid.toml",
         &format!(
             "{}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n",
-            SMALL.replace("epochs = 1", "epochs = 3")
+            SMALL_LENET5.replace("epochs = 1", "epochs = 3")
         ),
     );
     let runs = work.path().join("runs");
@@ -182,10 +154,10 @@ fn kill_after_first_epoch(mut child: Child, find: impl Fn() -> Option<PathBuf>) 
 #[test]
 fn a_run_left_running_by_a_lost_node_is_stale_and_resume_takes_it_over() {
     let work = tempfile::tempdir().unwrap();
-    let config = write(
+    let config = write_in(
         work.path(),
         "small.toml",
-        &SMALL.replace("epochs = 1", "epochs = 3"),
+        &SMALL_LENET5.replace("epochs = 1", "epochs = 3"),
     );
     let runs = work.path().join("runs");
     let child = spawn(&["run", &config, "--runs-dir", runs.to_str().unwrap()]);
@@ -217,18 +189,18 @@ fn a_run_left_running_by_a_lost_node_is_stale_and_resume_takes_it_over() {
         (after.status, after.epochs_completed),
         (Status::Completed, 3)
     );
-    assert_eq!(rows(&run), 3);
+    assert_eq!(metrics_rows(&run), 3);
 }
 
 #[test]
 fn a_sweep_resumes_a_run_a_lost_node_left_running() {
     let work = tempfile::tempdir().unwrap();
-    let grid = write(
+    let grid = write_in(
         work.path(),
         "grid.toml",
         &format!(
             "{}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n",
-            SMALL.replace("epochs = 1", "epochs = 3")
+            SMALL_LENET5.replace("epochs = 1", "epochs = 3")
         ),
     );
     let runs = work.path().join("runs");
@@ -265,10 +237,10 @@ fn a_sweep_resumes_a_run_a_lost_node_left_running() {
 #[test]
 fn a_sweep_record_pointing_at_another_entrys_run_is_refused() {
     let work = tempfile::tempdir().unwrap();
-    let grid = write(
+    let grid = write_in(
         work.path(),
         "grid.toml",
-        &format!("{SMALL}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n"),
+        &format!("{SMALL_LENET5}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n"),
     );
     let runs = work.path().join("runs");
     let record_dir = work.path().join("record");

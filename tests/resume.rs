@@ -3,14 +3,14 @@
 //! stops as `diverged`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use mnist_lab::run::metrics::read_metrics;
 use mnist_lab::run::rundir::{self, Status, Summary};
 
 mod common;
-use common::{assert_success, mnist_dir, only_run, run_binary};
+use common::{assert_success, only_run, run_binary, spawn};
 
 /// LeNet5 with every source of randomness on (shuffle, shift augmentation,
 /// dropout) and every kind of state (Adam moments, BatchNorm statistics, a
@@ -24,17 +24,6 @@ fn write_config(dir: &Path) -> String {
     let path = dir.join("every_state.toml");
     std::fs::write(&path, EVERY_STATE).unwrap();
     path.display().to_string()
-}
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mnist-lab"))
-        .args(args)
-        .env("MNIST_DIR", mnist_dir())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts")
 }
 
 fn summary(run: &Path) -> Summary {

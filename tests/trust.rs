@@ -3,38 +3,18 @@
 //! config; commands give the same answer for the same mistake; nothing of the
 //! user's is overwritten; every number a user types is bounded.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mnist_lab::run::metrics::read_metrics;
 use mnist_lab::run::resume::STATE_FILE;
-use mnist_lab::run::rundir::{self, Status, Summary};
+use mnist_lab::run::rundir::{self, Status};
 
 mod common;
-use common::{assert_success, mnist_dir, mnist_subset, run_binary, trained_run};
-
-/// LeNet5 on 4,000 images: a few tenths of a second per epoch.
-const SMALL: &str = "name = \"small\"\n[data]\ntrain_size = 4000\nvalidation_size = 1000\n\
-    test_size = 1000\n[train]\nepochs = 1\n";
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn summary(run: &Path) -> Summary {
-    rundir::read_summary(&run.join(rundir::SUMMARY_FILE)).unwrap()
-}
-
-fn rows(run: &Path) -> usize {
-    read_metrics(&run.join(rundir::METRICS_FILE)).unwrap().len()
-}
+use common::{
+    SMALL_LENET5, assert_success, metrics_rows, mnist_subset, run_binary, spawn, stderr,
+    subset_copy, summary, trained_run, write_in,
+};
 
 /// The binary with `MNIST_DIR` as given (unset for `None`), run in `cwd`, with
 /// every download failing at once.
@@ -52,37 +32,11 @@ fn binary_with_mnist(cwd: &Path, mnist: Option<&Path>, args: &[&str]) -> Command
     command
 }
 
-/// A copy of the shipped subset; with `relabel`, its training labels moved
-/// on by one class (valid files, other contents).
-fn subset_copy(to: &Path, relabel: bool) -> PathBuf {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(mnist_subset()).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
-    }
-    if relabel {
-        let labels = to.join("train-labels-idx1-ubyte.gz");
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(
-            &mut flate2::read::GzDecoder::new(std::fs::File::open(&labels).unwrap()),
-            &mut bytes,
-        )
-        .unwrap();
-        for label in &mut bytes[8..] {
-            *label = (*label + 1) % 10;
-        }
-        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), Default::default());
-        std::io::Write::write_all(&mut encoder, &bytes).unwrap();
-        std::fs::write(&labels, encoder.finish().unwrap()).unwrap();
-    }
-    to.to_path_buf()
-}
-
 #[test]
 fn resume_trains_on_the_data_the_run_recorded_and_warns_about_other_files() {
     let work = tempfile::tempdir().unwrap();
     let recorded = subset_copy(&work.path().join("mnist-a"), false);
-    let config = write(work.path(), "small.toml", SMALL);
+    let config = write_in(work.path(), "small.toml", SMALL_LENET5);
     let runs = work.path().join("runs");
     let output = binary_with_mnist(
         work.path(),
@@ -139,7 +93,7 @@ fn resume_trains_on_the_data_the_run_recorded_and_warns_about_other_files() {
 #[test]
 fn a_state_from_another_run_or_under_an_edited_config_is_refused() {
     let work = tempfile::tempdir().unwrap();
-    let config = write(work.path(), "small.toml", SMALL);
+    let config = write_in(work.path(), "small.toml", SMALL_LENET5);
     let (first, second) = (work.path().join("first"), work.path().join("second"));
     std::fs::create_dir_all(&first).unwrap();
     std::fs::create_dir_all(&second).unwrap();
@@ -203,13 +157,16 @@ fn a_state_from_another_run_or_under_an_edited_config_is_refused() {
         "--set",
         "train.eval_batch_size=500",
     ]));
-    assert_eq!(rows(&second), 2);
+    assert_eq!(metrics_rows(&second), 2);
 }
 
 #[test]
 fn config_errors_on_resume_are_usage_errors_as_on_run() {
     let work = tempfile::tempdir().unwrap();
-    let run = trained_run(work.path(), &write(work.path(), "small.toml", SMALL));
+    let run = trained_run(
+        work.path(),
+        &write_in(work.path(), "small.toml", SMALL_LENET5),
+    );
     for set in [
         "train.epochs=0",
         "train.eval_batch_size=0",
@@ -234,9 +191,9 @@ fn an_early_stopped_run_is_not_resumed_into_one_more_epoch() {
     let work = tempfile::tempdir().unwrap();
     // A rate too small to change a prediction: validation accuracy never
     // improves after epoch 1, so patience 1 stops the run after epoch 2.
-    let config =
-        SMALL.replace("epochs = 1", "epochs = 6\nearly_stopping = 1") + "[optimizer]\nlr = 1e-9\n";
-    let run = trained_run(work.path(), &write(work.path(), "still.toml", &config));
+    let config = SMALL_LENET5.replace("epochs = 1", "epochs = 6\nearly_stopping = 1")
+        + "[optimizer]\nlr = 1e-9\n";
+    let run = trained_run(work.path(), &write_in(work.path(), "still.toml", &config));
     assert_eq!(summary(&run).epochs_completed, 2, "{:?}", summary(&run));
     for _ in 0..2 {
         let output = run_binary(&["resume", run.to_str().unwrap()]);
@@ -248,7 +205,7 @@ fn an_early_stopped_run_is_not_resumed_into_one_more_epoch() {
             stderr(&output)
         );
     }
-    assert_eq!(rows(&run), 2, "no epoch trained");
+    assert_eq!(metrics_rows(&run), 2, "no epoch trained");
     let output = run_binary(&[
         "resume",
         run.to_str().unwrap(),
@@ -256,14 +213,15 @@ fn an_early_stopped_run_is_not_resumed_into_one_more_epoch() {
         "train.early_stopping=0",
     ]);
     assert_success(&output);
-    assert_eq!((summary(&run).epochs_completed, rows(&run)), (6, 6));
+    assert_eq!((summary(&run).epochs_completed, metrics_rows(&run)), (6, 6));
 }
 
 #[test]
 fn extending_a_cosine_run_says_what_becomes_of_the_schedule() {
     let work = tempfile::tempdir().unwrap();
-    let config = SMALL.replace("epochs = 1", "epochs = 2") + "[schedule]\nkind = \"cosine\"\n";
-    let run = trained_run(work.path(), &write(work.path(), "cosine.toml", &config));
+    let config =
+        SMALL_LENET5.replace("epochs = 1", "epochs = 2") + "[schedule]\nkind = \"cosine\"\n";
+    let run = trained_run(work.path(), &write_in(work.path(), "cosine.toml", &config));
     let output = run_binary(&["resume", run.to_str().unwrap(), "--set", "train.epochs=3"]);
     assert_success(&output);
     let err = stderr(&output);
@@ -285,7 +243,7 @@ fn a_run_at_chance_accuracy_stops_as_diverged() {
     let runs = work.path().join("runs");
     let output = run_binary(&[
         "run",
-        &write(work.path(), "hot.toml", config),
+        &write_in(work.path(), "hot.toml", config),
         "--runs-dir",
         runs.to_str().unwrap(),
         "--set",
@@ -301,24 +259,13 @@ fn a_run_at_chance_accuracy_stops_as_diverged() {
     assert_eq!((s.status, s.epochs_completed), (Status::Diverged, 2));
 }
 
-fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mnist-lab"))
-        .args(args)
-        .env("MNIST_DIR", mnist_dir())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 #[test]
 fn a_failed_write_leaves_the_summary_agreeing_with_metrics_csv_and_resume_cleans_up() {
     let work = tempfile::tempdir().unwrap();
-    let config = write(
+    let config = write_in(
         work.path(),
         "small.toml",
-        &SMALL.replace("epochs = 1", "epochs = 4"),
+        &SMALL_LENET5.replace("epochs = 1", "epochs = 4"),
     );
     let runs = work.path().join("runs");
     let child = spawn(&["run", &config, "--runs-dir", runs.to_str().unwrap()]);
@@ -348,7 +295,7 @@ fn a_failed_write_leaves_the_summary_agreeing_with_metrics_csv_and_resume_cleans
     assert_eq!(s.status, Status::Failed);
     assert_eq!(
         s.epochs_completed,
-        rows(&run),
+        metrics_rows(&run),
         "summary and metrics.csv agree"
     );
 
@@ -366,147 +313,5 @@ fn a_failed_write_leaves_the_summary_agreeing_with_metrics_csv_and_resume_cleans
         strays.iter().all(|p| !p.exists()),
         "stray temporaries removed"
     );
-    assert_eq!((summary(&run).epochs_completed, rows(&run)), (4, 4));
-}
-
-/// Replaces every value of one tensor of a safetensors file with NaN.
-fn poison(checkpoint: &Path) {
-    let mut tensors =
-        candle_core::safetensors::load(checkpoint, &candle_core::Device::Cpu).unwrap();
-    let name = tensors.keys().min().unwrap().clone();
-    let nan = (tensors[&name].ones_like().unwrap() * f64::NAN).unwrap();
-    tensors.insert(name, nan);
-    candle_core::safetensors::save(&tensors, checkpoint).unwrap();
-}
-
-#[test]
-fn eval_and_predict_refuse_weights_that_are_not_finite() {
-    let work = tempfile::tempdir().unwrap();
-    let run = trained_run(work.path(), &write(work.path(), "small.toml", SMALL));
-    poison(&run.join(rundir::BEST_CHECKPOINT));
-    let eval = run_binary(&["eval", run.to_str().unwrap()]);
-    assert_eq!(eval.status.code(), Some(1), "{}", stderr(&eval));
-    assert!(stderr(&eval).contains("not finite"), "{}", stderr(&eval));
-    assert!(!run.join("eval.json").exists());
-    let image = work.path().join("digit.png");
-    image::GrayImage::from_fn(28, 28, |x, y| {
-        image::Luma([if (10..18).contains(&x) && y > 4 {
-            255
-        } else {
-            0
-        }])
-    })
-    .save(&image)
-    .unwrap();
-    let predict = run_binary(&["predict", run.to_str().unwrap(), image.to_str().unwrap()]);
-    assert_eq!(predict.status.code(), Some(1), "{}", stderr(&predict));
-    assert!(
-        stderr(&predict).contains("not finite"),
-        "{}",
-        stderr(&predict)
-    );
-    // The last epoch's weights are sound, and still serve.
-    let last = run_binary(&["eval", run.to_str().unwrap(), "--checkpoint", "last"]);
-    assert_success(&last);
-}
-
-#[test]
-fn eval_of_another_folders_test_files_leaves_the_runs_files_alone() {
-    let work = tempfile::tempdir().unwrap();
-    let run = trained_run(work.path(), &write(work.path(), "small.toml", SMALL));
-    assert_success(&run_binary(&["eval", run.to_str().unwrap()]));
-    let own = std::fs::read(run.join("eval.json")).unwrap();
-    let other = subset_copy(&work.path().join("other"), false);
-    let output = run_binary(&[
-        "eval",
-        run.to_str().unwrap(),
-        "--set",
-        &format!("data.dir={}", other.display()),
-    ]);
-    assert_success(&output);
-    assert!(
-        stderr(&output).contains("not writing eval files"),
-        "{}",
-        stderr(&output)
-    );
-    assert_eq!(
-        std::fs::read(run.join("eval.json")).unwrap(),
-        own,
-        "eval.json kept"
-    );
-}
-
-#[test]
-fn numbers_and_names_a_user_types_are_bounded() {
-    let work = tempfile::tempdir().unwrap();
-    let output = run_binary(&["bench", "--batch-size", "100000"]);
-    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-    assert!(stderr(&output).contains("8192"), "{}", stderr(&output));
-
-    let runs = work.path().join("inner").join("runs");
-    let config = write(work.path(), "small.toml", SMALL);
-    let output = run_binary(&[
-        "sweep",
-        &config,
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--name",
-        "x/../../../esc",
-    ]);
-    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-    assert!(stderr(&output).contains("--name"), "{}", stderr(&output));
-    let left: Vec<_> = std::fs::read_dir(work.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        left,
-        vec![std::ffi::OsString::from("small.toml")],
-        "nothing written"
-    );
-
-    // A huge image is refused from its header, before it is decoded.
-    let run = trained_run(work.path(), &config);
-    let huge = work.path().join("huge.png");
-    image::GrayImage::new(5000, 300).save(&huge).unwrap();
-    let output = run_binary(&["predict", run.to_str().unwrap(), huge.to_str().unwrap()]);
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("5000 x 300 pixels") && stderr(&output).contains("4096"),
-        "{}",
-        stderr(&output)
-    );
-}
-
-#[test]
-fn runs_refuses_unknown_keys_and_says_when_a_filter_matches_nothing() {
-    let work = tempfile::tempdir().unwrap();
-    trained_run(work.path(), &write(work.path(), "small.toml", SMALL));
-    let runs = work.path().join("runs");
-    let runs = runs.to_str().unwrap();
-    for args in [
-        vec!["runs", runs, "--sort", "optimizer.lrr"],
-        vec!["runs", runs, "--columns", "optimizer.lr,train.epoch"],
-        vec!["runs", runs, "--filter", "model.knd=lenet5"],
-    ] {
-        let output = run_binary(&args);
-        assert_eq!(
-            output.status.code(),
-            Some(2),
-            "{args:?}: {}",
-            stderr(&output)
-        );
-        assert!(
-            stderr(&output).contains("expected one of"),
-            "{}",
-            stderr(&output)
-        );
-    }
-    let output = run_binary(&["runs", runs, "--filter", "model.kind=custom_mlp"]);
-    assert_success(&output);
-    assert!(
-        stderr(&output).contains("none of the 1 runs") && stderr(&output).contains("model.kind"),
-        "{}",
-        stderr(&output)
-    );
+    assert_eq!((summary(&run).epochs_completed, metrics_rows(&run)), (4, 4));
 }

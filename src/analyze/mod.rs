@@ -7,6 +7,7 @@ pub mod bench;
 pub mod compare;
 pub mod evaluate;
 pub mod inspect;
+pub mod markers;
 pub mod predict;
 pub mod report;
 pub mod seed_report;

@@ -1,12 +1,16 @@
 //! Runs: one experiment into a run directory ([`experiment`]), what it records
-//! after every epoch ([`record`]) and how it continues ([`resume`]), the directory's files ([`rundir`],
-//! [`metrics`], [`plots`]), and sweeps of many runs ([`sweep`]).
+//! after every epoch ([`record`], through its [`recorders`]), when it stops as
+//! diverged ([`divergence`]), how it continues ([`resume`]) under one owner at a
+//! time ([`owner`]), the directory's files ([`rundir`], [`metrics`], [`plots`]),
+//! and sweeps of many runs ([`sweep`]).
 
+pub mod divergence;
 pub mod experiment;
 pub mod metrics;
 pub mod owner;
 pub mod plots;
 pub mod record;
+pub mod recorders;
 pub mod resume;
 pub mod rundir;
 pub mod sweep;

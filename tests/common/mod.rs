@@ -95,3 +95,84 @@ pub fn run_binary(args: &[&str]) -> Output {
         .output()
         .expect("the binary runs")
 }
+
+/// LeNet5 on 4,000 images for one epoch: a few tenths of a second.
+pub const SMALL_LENET5: &str = "name = \"small\"\n[data]\ntrain_size = 4000\nvalidation_size = 1000\n\
+    test_size = 1000\n[train]\nepochs = 1\n";
+
+/// A quick CustomMLP config: two epochs on 3,000 images.
+pub const QUICK_MLP: &str = "[model]\nkind = \"custom_mlp\"\n\
+    [data]\ntrain_size = 3000\nvalidation_size = 1000\ntest_size = 1000\n\
+    [optimizer]\nlr = 0.05\n[train]\nepochs = 2\n";
+
+/// Writes `text` to `path` and returns the path as a string for arguments.
+pub fn write_file(path: &Path, text: &str) -> String {
+    std::fs::write(path, text).unwrap();
+    path.display().to_string()
+}
+
+/// Writes `text` to `dir/name` and returns the path as a string.
+pub fn write_in(dir: &Path, name: &str, text: &str) -> String {
+    write_file(&dir.join(name), text)
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A run's `summary.json`.
+pub fn summary(run: &Path) -> mnist_lab::run::rundir::Summary {
+    use mnist_lab::run::rundir;
+    rundir::read_summary(&run.join(rundir::SUMMARY_FILE)).unwrap()
+}
+
+/// The rows of a run's `metrics.csv`.
+pub fn metrics_rows(run: &Path) -> usize {
+    use mnist_lab::run::{metrics, rundir};
+    metrics::read_metrics(&run.join(rundir::METRICS_FILE))
+        .unwrap()
+        .len()
+}
+
+/// The binary with MNIST from [`mnist_dir`], quiet logs and stderr kept.
+pub fn spawn(args: &[&str]) -> std::process::Child {
+    use std::process::Stdio;
+    Command::new(env!("CARGO_BIN_EXE_mnist-lab"))
+        .args(args)
+        .env("MNIST_DIR", mnist_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts")
+}
+
+/// A copy of the shipped subset in `to`; with `relabel`, its training labels
+/// moved on by one class (valid files, other contents).
+pub fn subset_copy(to: &Path, relabel: bool) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(mnist_subset()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+    if relabel {
+        let labels = to.join("train-labels-idx1-ubyte.gz");
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(std::fs::File::open(&labels).unwrap()),
+            &mut bytes,
+        )
+        .unwrap();
+        for label in &mut bytes[8..] {
+            *label = (*label + 1) % 10;
+        }
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+        std::io::Write::write_all(&mut encoder, &bytes).unwrap();
+        std::fs::write(&labels, encoder.finish().unwrap()).unwrap();
+    }
+    to.to_path_buf()
+}
