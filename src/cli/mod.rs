@@ -75,6 +75,9 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<crate::run::RunError>()
                 .is_some_and(crate::run::RunError::is_usage)
+            || cause
+                .downcast_ref::<crate::run::sweep::SweepError>()
+                .is_some_and(crate::run::sweep::SweepError::is_usage)
     });
     if usage { 2 } else { 1 }
 }

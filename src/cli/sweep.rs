@@ -8,7 +8,7 @@ use clap::Args;
 use crate::cli::UsageError;
 use crate::config;
 use crate::run::owner::{self, OwnerLock};
-use crate::run::sweep::{self, PlannedRun, Shard, SweepRecord, SweepSet};
+use crate::run::sweep::{self, PlannedRun, Shard, SweepRecord, SweepRequest, SweepSet};
 use crate::util::fsio::FileError;
 use crate::util::{device, interrupt};
 
@@ -51,7 +51,7 @@ impl SweepArgs {
         if let Some(name) = &self.name {
             config::validate_name(name).map_err(|e| UsageError(format!("--name {e}")))?;
         }
-        let continued = self.record_to_continue();
+        let continued = self.request().record_to_continue();
         if self.list {
             return match continued {
                 Some(record_dir) => self.list_record(&record_dir),
@@ -115,17 +115,14 @@ impl SweepArgs {
         self.run_sweep(&mine, record, &record_dir, &runs_dir, owner)
     }
 
-    /// The record folder to continue: `--resume DIR` when DIR holds a record, or
-    /// the folder of a single sweep.json given without `--rerun`.
-    fn record_to_continue(&self) -> Option<PathBuf> {
-        if let Some(dir) = &self.resume {
-            return dir.join(sweep::RECORD_FILE).is_file().then(|| dir.clone());
-        }
-        match self.paths.as_slice() {
-            [one] if !self.rerun && one.file_name().is_some_and(|n| n == sweep::RECORD_FILE) => {
-                Some(one.parent().unwrap_or(Path::new(".")).to_path_buf())
-            }
-            _ => None,
+    /// What this command line asks for, as the sweep's rules read it.
+    fn request(&self) -> SweepRequest<'_> {
+        SweepRequest {
+            paths: &self.paths,
+            sets: &self.set,
+            shard: self.shard,
+            resume: self.resume.as_deref(),
+            rerun: self.rerun,
         }
     }
 
@@ -140,7 +137,7 @@ impl SweepArgs {
     fn read_record(&self, record_dir: &Path) -> anyhow::Result<(SweepRecord, Vec<PlannedRun>)> {
         let record_path = record_dir.join(sweep::RECORD_FILE);
         let record = SweepRecord::read(&record_path)?;
-        self.check_same_sweep(&record, record_dir)?;
+        self.request().check_same_sweep(&record, record_dir)?;
         let mut runs = sweep::plan(&sweep::read_sources(&[record_path])?, &[])?;
         for (run, entry) in runs.iter_mut().zip(&record.runs) {
             run.index = entry.index;
@@ -157,44 +154,6 @@ impl SweepArgs {
             .or_else(|| record.runs_dir.clone())
             .unwrap_or_else(|| parent.to_path_buf());
         self.run_sweep(&runs, record, record_dir, &runs_dir, owner)
-    }
-
-    /// A command line that names configs (as a requeued Slurm job repeats its
-    /// own) must still describe the recorded sweep; one that names only the
-    /// record cannot change it.
-    fn check_same_sweep(&self, record: &SweepRecord, record_dir: &Path) -> anyhow::Result<()> {
-        let differs = |what: &str| {
-            Err(UsageError(format!(
-                "{} records another sweep: {what} (give a new --resume folder, or \
-                 `--rerun` with its sweep.json to start afresh from it)",
-                record_dir.display()
-            ))
-            .into())
-        };
-        if let Some(shard) = self.shard
-            && Some(shard.to_string()) != record.shard
-        {
-            let recorded = record.shard.as_deref().unwrap_or("none");
-            return differs(&format!("its shard is {recorded}, not {shard}"));
-        }
-        let names_configs = self.resume.is_some() && !self.paths.is_empty();
-        if !names_configs {
-            return match self.set.is_empty() {
-                true => Ok(()),
-                false => differs("--set cannot change a recorded sweep"),
-            };
-        }
-        let planned = sweep::plan(&sweep::read_sources(&self.paths)?, &self.set)?;
-        let mine: Vec<String> = planned
-            .iter()
-            .filter(|run| self.shard.is_none_or(|s| s.owns(run.index)))
-            .map(|run| run.config.to_toml())
-            .collect();
-        let recorded: Vec<&String> = record.runs.iter().map(|e| &e.config).collect();
-        if mine.len() != recorded.len() || mine.iter().zip(&recorded).any(|(a, b)| a != *b) {
-            return differs("the configs and --set given now expand to other runs");
-        }
-        Ok(())
     }
 
     /// Runs `runs` with `record` kept in `record_dir`, prints the table, and

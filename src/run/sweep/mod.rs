@@ -12,9 +12,11 @@ use crate::config::{self, Config, ConfigError, Override, SweepAxis};
 use crate::util::fsio::{FileError, read_text};
 use crate::util::table::Table;
 
+mod continuation;
 mod record;
 mod values;
 
+pub use continuation::SweepRequest;
 pub use record::{RECORD_FILE, SweepEntry, SweepRecord, SweepTally, create_record_dir, execute};
 pub use values::{Shard, SweepSet};
 
@@ -29,6 +31,12 @@ pub enum SweepError {
     NoConfigs(PathBuf),
     #[error("{} is not a sweep record (sweep.json): {reason}", path.display())]
     NotARecord { path: PathBuf, reason: String },
+    #[error(
+        "{} records another sweep: {what} (give a new --resume folder, or `--rerun` with \
+         its sweep.json to start afresh from it)",
+        dir.display()
+    )]
+    OtherSweep { dir: PathBuf, what: String },
     #[error("{}: run {entry} records the directory {}, but {reason}", record.display(), dir.display())]
     WrongRunDir {
         record: PathBuf,
@@ -36,6 +44,13 @@ pub enum SweepError {
         dir: PathBuf,
         reason: String,
     },
+}
+
+impl SweepError {
+    /// A command line that asks for what cannot be (exit status 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, SweepError::OtherSweep { .. } | SweepError::Config(_))
+    }
 }
 
 /// Config text to expand: a file, or a run recorded in a `sweep.json`.
