@@ -80,8 +80,7 @@ mod tests {
                 val_loss: Some(1.2 / epoch as f64),
                 val_acc: Some(0.88 + 0.01 * epoch as f64),
                 lr: 0.01,
-                epoch_secs: 1.0,
-                images_per_sec: 100.0,
+                ..Default::default()
             })
             .collect();
         write_run_plots(&run, "p", &metrics).unwrap();

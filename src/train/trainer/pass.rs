@@ -155,7 +155,7 @@ mod tests {
             .keys()
             .filter(|name| !name.contains("running"))
             .collect();
-        assert!(parameters.len() >= 10);
+        assert!(!parameters.is_empty(), "{label}: no parameters compared");
         for name in parameters {
             let var = vars[name].as_tensor();
             let whole_var = whole_vars[name].as_tensor();
