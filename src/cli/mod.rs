@@ -11,11 +11,13 @@ use crate::util::interrupt;
 
 mod bench;
 mod inspect;
+mod search;
 mod sweep;
 mod train;
 
 use bench::BenchArgs;
 use inspect::{CompareArgs, EvalArgs, PredictArgs, ReportArgs, RunsArgs};
+use search::SearchArgs;
 use sweep::SweepArgs;
 use train::{ResumeArgs, RunArgs};
 
@@ -38,6 +40,8 @@ enum Command {
     Resume(ResumeArgs),
     /// Run many configs: files, directories, `[sweep]` grids, comma lists in --set.
     Sweep(SweepArgs),
+    /// Search a config's `[search]` space: random trials, or successive halving.
+    Search(SearchArgs),
     /// List the runs in a directory.
     Runs(RunsArgs),
     /// Overlay several runs' validation curves and tabulate them.
@@ -87,6 +91,7 @@ impl Cli {
         match self.command {
             Command::Run(args) => args.execute(),
             Command::Sweep(args) => args.execute(),
+            Command::Search(args) => args.execute(),
             Command::Resume(args) => args.execute(),
             Command::Runs(args) => args.execute(),
             Command::Compare(args) => args.execute(),

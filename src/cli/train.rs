@@ -39,6 +39,14 @@ impl RunArgs {
             ))
             .into());
         }
+        if config.search.is_some() {
+            return Err(UsageError(format!(
+                "{} has a [search] table: run it with `mnist-lab search {}`",
+                self.config.config.display(),
+                self.config.config.display()
+            ))
+            .into());
+        }
         if let Some(threads) = self.threads {
             config.device.threads = threads;
         }

@@ -11,7 +11,7 @@
 //! 3. [`Config::validate`] checks ranges and combinations, and the error names the
 //!    dotted key plus its line in the file, or the override that set it.
 //!
-//! [`grid`] reads a config's `[sweep]` table.
+//! [`grid`] reads a config's `[sweep]` table, [`search`] its `[search]` table.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,10 +28,12 @@ use crate::util::fsio::FileError;
 
 pub mod grid;
 pub mod overrides;
+pub mod search;
 mod validate;
 
 pub use grid::SweepAxis;
 pub use overrides::{Override, parse_value};
+pub use search::SearchConfig;
 pub use validate::validate_name;
 
 /// Everything a run needs, as read from a config file plus overrides.
@@ -53,6 +55,10 @@ pub struct Config {
     /// config without it.
     #[serde(skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
+    /// `[search]`: a space of settings and a schedule; `mnist-lab search`
+    /// samples trials from it. Trials save their config without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchConfig>,
 }
 
 /// A config that could not be read, with where the problem is.
@@ -148,6 +154,7 @@ impl Config {
             !(key == "name"
                 || key == "data.dir"
                 || key.starts_with("sweep")
+                || key.starts_with("search")
                 || key.starts_with("device."))
         });
         flat

@@ -11,6 +11,18 @@ impl Config {
             return invalid("name", message);
         }
         self.sweep_axes()?;
+        if let Some(search) = &self.search {
+            search.validate(self.train.epochs, self.data.validation_size)?;
+            if self.train.early_stopping > 0 {
+                return invalid(
+                    "train.early_stopping",
+                    "expected 0 (off) with a [search]: the search decides when trials stop",
+                );
+            }
+            if !self.sweep.is_empty() {
+                return invalid("search", "a config searches or sweeps, not both");
+            }
+        }
         self.data.validate()?;
         self.model.validate()?;
         self.optimizer.validate()?;

@@ -2,7 +2,8 @@
 //! after every epoch ([`record`], through its [`recorders`]), when it stops as
 //! diverged ([`divergence`]), how it continues ([`resume`]) under one owner at a
 //! time ([`owner`]), the directory's files ([`rundir`], [`metrics`], [`plots`]),
-//! and sweeps of many runs ([`sweep`]).
+//! sweeps of many runs ([`sweep`]) and searches over a space of settings
+//! ([`search`]).
 
 pub mod divergence;
 pub mod experiment;
@@ -13,6 +14,7 @@ pub mod record;
 pub mod recorders;
 pub mod resume;
 pub mod rundir;
+pub mod search;
 pub mod sweep;
 
 use crate::data::DataError;

@@ -139,6 +139,12 @@ pub fn plan(sources: &[Source], sets: &[SweepSet]) -> Result<Vec<PlannedRun>, Co
     let mut runs = Vec::new();
     for source in sources {
         let base = load(source, &fixed)?;
+        if base.search.is_some() {
+            return Err(ConfigError::Invalid {
+                path: source.origin.clone(),
+                message: "it has a [search] table: run it with `mnist-lab search`".into(),
+            });
+        }
         let mut axes: Vec<SweepAxis> = base
             .sweep_axes()
             .expect("validated when loaded")
