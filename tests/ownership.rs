@@ -66,24 +66,9 @@ fn two_resumes_of_one_run_started_together_train_it_once() {
 #[test]
 fn two_sweeps_continuing_one_record_train_each_run_once() {
     let work = tempfile::tempdir().unwrap();
-    let grid = write_in(
-        work.path(),
-        "grid.toml",
-        &format!(
-            "{}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n",
-            SMALL_LENET5.replace("epochs = 1", "epochs = 3")
-        ),
-    );
-    let runs = work.path().join("runs");
-    let record = work.path().join("record");
-    let args = [
-        "sweep",
-        &grid,
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--resume",
-        record.to_str().unwrap(),
-    ];
+    let (runs, record) = (work.path().join("runs"), work.path().join("record"));
+    let args = grid_sweep(work.path(), 3);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Under load the second may start only once the first has finished; then
     // it finds the record complete and exits 0. Either way: each run once.
     let (a, b) = (spawn(&args), spawn(&args));
@@ -121,6 +106,28 @@ fn two_sweeps_continuing_one_record_train_each_run_once() {
         assert!(run.resumed_at.is_empty(), "trained once, never taken over");
         assert_eq!(run.epochs_completed, 3);
     }
+}
+
+/// A grid of two runs of `epochs` epochs in `work/grid.toml`, and the `sweep`
+/// command line that puts its runs in `work/runs` and its record in `work/record`.
+fn grid_sweep(work: &Path, epochs: usize) -> Vec<String> {
+    let config = SMALL_LENET5.replace("epochs = 1", &format!("epochs = {epochs}"));
+    let grid = write_in(
+        work,
+        "grid.toml",
+        &format!("{config}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n"),
+    );
+    let (runs, record) = (work.join("runs"), work.join("record"));
+    [
+        "sweep",
+        &grid,
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--resume",
+        record.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Rewrites a run's summary as a process on another machine, now lost, left it.
@@ -195,24 +202,9 @@ fn a_run_left_running_by_a_lost_node_is_stale_and_resume_takes_it_over() {
 #[test]
 fn a_sweep_resumes_a_run_a_lost_node_left_running() {
     let work = tempfile::tempdir().unwrap();
-    let grid = write_in(
-        work.path(),
-        "grid.toml",
-        &format!(
-            "{}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n",
-            SMALL_LENET5.replace("epochs = 1", "epochs = 3")
-        ),
-    );
-    let runs = work.path().join("runs");
-    let record_dir = work.path().join("record");
-    let args = [
-        "sweep",
-        &grid,
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--resume",
-        record_dir.to_str().unwrap(),
-    ];
+    let (runs, record_dir) = (work.path().join("runs"), work.path().join("record"));
+    let args = grid_sweep(work.path(), 3);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let record_path = record_dir.join("sweep.json");
     let run = kill_after_first_epoch(spawn(&args), || {
         SweepRecord::read(&record_path).ok()?.runs[0]
@@ -237,21 +229,9 @@ fn a_sweep_resumes_a_run_a_lost_node_left_running() {
 #[test]
 fn a_sweep_record_pointing_at_another_entrys_run_is_refused() {
     let work = tempfile::tempdir().unwrap();
-    let grid = write_in(
-        work.path(),
-        "grid.toml",
-        &format!("{SMALL_LENET5}[sweep]\n\"optimizer.lr\" = [0.01, 0.02]\n"),
-    );
-    let runs = work.path().join("runs");
-    let record_dir = work.path().join("record");
-    let args = [
-        "sweep",
-        &grid,
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--resume",
-        record_dir.to_str().unwrap(),
-    ];
+    let (runs, record_dir) = (work.path().join("runs"), work.path().join("record"));
+    let args = grid_sweep(work.path(), 1);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     assert_success(&run_binary(&args));
     let record_path = record_dir.join("sweep.json");
     let original = std::fs::read_to_string(&record_path).unwrap();

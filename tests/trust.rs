@@ -102,14 +102,18 @@ fn a_state_from_another_run_or_under_an_edited_config_is_refused() {
     let own_state = std::fs::read(second.join(STATE_FILE)).unwrap();
     let metrics_before = std::fs::read(second.join(rundir::METRICS_FILE)).unwrap();
 
+    let resume_to_two = || {
+        run_binary(&[
+            "resume",
+            second.to_str().unwrap(),
+            "--set",
+            "train.epochs=2",
+        ])
+    };
+
     // The same config and seed, another run: its state is not this run's.
     std::fs::copy(first.join(STATE_FILE), second.join(STATE_FILE)).unwrap();
-    let output = run_binary(&[
-        "resume",
-        second.to_str().unwrap(),
-        "--set",
-        "train.epochs=2",
-    ]);
+    let output = resume_to_two();
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let err = stderr(&output);
     assert!(err.contains("belongs to another run"), "{err}");
@@ -134,12 +138,7 @@ fn a_state_from_another_run_or_under_an_edited_config_is_refused() {
     let edited = text.replace("\nlr = 0.01\n", "\nlr = 0.5\n");
     assert_ne!(edited, text, "{text}");
     std::fs::write(&config_path, edited).unwrap();
-    let output = run_binary(&[
-        "resume",
-        second.to_str().unwrap(),
-        "--set",
-        "train.epochs=2",
-    ]);
+    let output = resume_to_two();
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let err = stderr(&output);
     assert!(

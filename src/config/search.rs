@@ -79,6 +79,15 @@ impl Metric {
             Metric::ValLoss => "val_loss",
         }
     }
+
+    /// A value as a score where higher is better; no value scores lowest.
+    pub fn score(self, value: Option<f64>) -> f64 {
+        match (self, value) {
+            (_, None) => f64::NEG_INFINITY,
+            (Metric::ValAcc, Some(v)) => v,
+            (Metric::ValLoss, Some(v)) => -v,
+        }
+    }
 }
 
 /// Where a searched key's values come from.

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::run::metrics::EpochMetrics;
 use crate::run::rundir::{RunDir, Summary};
 use crate::train::{Trainer, TrainerState};
-use crate::util::fsio::{FileError, write_atomic};
+use crate::util::fsio::{FileError, is_atomic_temporary, write_atomic};
 
 pub const STATE_FILE: &str = "training_state.safetensors";
 const METADATA_KEY: &str = "mnist_lab";
@@ -251,8 +251,7 @@ pub fn remove_stray_temporaries(run_dir: &Path) -> usize {
             continue;
         };
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let stray = name.starts_with('.') && name.ends_with(".tmp");
+            let stray = is_atomic_temporary(&entry.file_name().to_string_lossy());
             if stray && entry.path().is_file() && std::fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }

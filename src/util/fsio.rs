@@ -62,6 +62,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     result.map_err(FileError::on("write", path))
 }
 
+/// Whether `file_name` is a temporary file of [`write_atomic`]'s
+/// (`.<name>.<pid>-<n>.tmp`), which a killed write leaves behind.
+pub fn is_atomic_temporary(file_name: &str) -> bool {
+    file_name.starts_with('.') && file_name.ends_with(".tmp")
+}
+
 /// Creates `<parent>/<label>-<UTC yyyymmdd-hhmmss>`; a suffix `-2`, `-3`, ... keeps
 /// two created in the same second apart. Creation is atomic, so concurrent
 /// processes never share a folder.

@@ -173,10 +173,7 @@ fn tally(record: &SearchRecord) -> SearchTally {
 /// first; ties go to the lower index, so the same metrics give the same choice.
 fn promote(trials: &[TrialEntry], alive: &[usize], reduction: usize, metric: Metric) -> Vec<usize> {
     let mut ranked = alive.to_vec();
-    let score = |p: &usize| {
-        let m = trials[*p].metric.unwrap_or(f64::NAN);
-        if metric == Metric::ValLoss { -m } else { m }
-    };
+    let score = |p: &usize| metric.score(trials[*p].metric);
     ranked.sort_by(|a, b| {
         score(b)
             .total_cmp(&score(a))
@@ -219,12 +216,10 @@ fn train_to(
             }
             entry.status = TrialStatus::Running;
             let options = ResumeOptions {
-                overrides: vec![format!("train.epochs={epochs}").parse().map_err(
-                    |e: String| RunError::NotResumable {
-                        dir: run.clone(),
-                        reason: e,
-                    },
-                )?],
+                overrides: vec![Override {
+                    key: "train.epochs".into(),
+                    value: toml::Value::Integer(epochs as i64),
+                }],
                 force: false,
             };
             experiment::resume(&run, &options)
@@ -283,9 +278,5 @@ pub fn new_record(plan: &SearchPlan, config_text: &str, shard: Option<Shard>) ->
 
 /// Creates `<runs_dir>/search-<name>[-shardIofN]-<time>/`.
 pub fn create_dir(runs_dir: &Path, name: &str, shard: Option<Shard>) -> Result<PathBuf, FileError> {
-    let label = match shard {
-        Some(s) => format!("search-{name}-shard{}of{}", s.index, s.count),
-        None => format!("search-{name}"),
-    };
-    crate::util::fsio::create_unique_dir(runs_dir, &label)
+    crate::run::sweep::create_folder(runs_dir, "search", name, shard)
 }

@@ -175,16 +175,10 @@ impl SearchRecord {
     /// Settles the best trial and the epochs spent.
     pub(super) fn finish(&mut self) {
         self.epochs_spent = self.trials.iter().map(|t| t.epochs).sum();
-        let lower_is_better = self.search.metric == crate::config::search::Metric::ValLoss;
+        let metric = self.search.metric;
         self.best = (self.trials.iter())
             .filter(|t| t.status == TrialStatus::Completed && t.metric.is_some())
-            .max_by(|a, b| {
-                let (a, b) = (a.metric.unwrap_or(f64::NAN), b.metric.unwrap_or(f64::NAN));
-                match lower_is_better {
-                    true => b.total_cmp(&a),
-                    false => a.total_cmp(&b),
-                }
-            })
+            .max_by(|a, b| metric.score(a.metric).total_cmp(&metric.score(b.metric)))
             .map(|t| t.index);
     }
 
@@ -200,17 +194,10 @@ impl SearchRecord {
             .collect();
         let mut table = Table::new(&headers);
         let mut order: Vec<&TrialEntry> = self.trials.iter().collect();
-        let sign = if self.search.metric == crate::config::search::Metric::ValLoss {
-            -1.0
-        } else {
-            1.0
-        };
+        let score = |t: &TrialEntry| self.search.metric.score(t.metric);
         order.sort_by(|a, b| {
             (b.rung.cmp(&a.rung))
-                .then(
-                    (sign * b.metric.unwrap_or(f64::NEG_INFINITY))
-                        .total_cmp(&(sign * a.metric.unwrap_or(f64::NEG_INFINITY))),
-                )
+                .then(score(b).total_cmp(&score(a)))
                 .then(a.index.cmp(&b.index))
         });
         for trial in order {

@@ -17,7 +17,9 @@ mod record;
 mod values;
 
 pub use continuation::SweepRequest;
-pub use record::{RECORD_FILE, SweepEntry, SweepRecord, SweepTally, create_record_dir, execute};
+pub use record::{
+    RECORD_FILE, SweepEntry, SweepRecord, SweepTally, create_folder, create_record_dir, execute,
+};
 pub use values::{Shard, SweepSet};
 
 /// Sources that cannot be read as a sweep.

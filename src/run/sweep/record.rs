@@ -357,9 +357,20 @@ pub fn create_record_dir(
     name: &str,
     shard: Option<Shard>,
 ) -> Result<PathBuf, FileError> {
+    create_folder(runs_dir, "sweep", name, shard)
+}
+
+/// Creates `<runs_dir>/<kind>-<name>[-shardIofN]-<time>/`: the folder of a
+/// sweep's or a search's record.
+pub fn create_folder(
+    runs_dir: &Path,
+    kind: &str,
+    name: &str,
+    shard: Option<Shard>,
+) -> Result<PathBuf, FileError> {
     let label = match shard {
-        Some(s) => format!("sweep-{name}-shard{}of{}", s.index, s.count),
-        None => format!("sweep-{name}"),
+        Some(s) => format!("{kind}-{name}-shard{}of{}", s.index, s.count),
+        None => format!("{kind}-{name}"),
     };
     create_unique_dir(runs_dir, &label)
 }
