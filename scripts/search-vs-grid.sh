@@ -15,8 +15,14 @@ SPACE=${2:-configs/search/custom_mlp_space.toml}
 shift 2 2>/dev/null || true
 if [ $# -gt 0 ]; then SEEDS=("$@"); else SEEDS=(0 1 2); fi
 OUT=${OUT:-runs/search-vs-grid}
-cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/mnist-lab
+# MNIST_LAB_BIN: a binary built beforehand (e.g. a copy, so rebuilding the
+# tree while the searches run does not change the program under them).
+if [ -n "${MNIST_LAB_BIN:-}" ]; then
+    BIN=$MNIST_LAB_BIN
+else
+    cargo build --release --quiet
+    BIN=${CARGO_TARGET_DIR:-target}/release/mnist-lab
+fi
 
 for seed in "${SEEDS[@]}"; do
     dir=$OUT/$(basename "$CONFIG" .toml)-seed$seed

@@ -76,7 +76,7 @@ fn successive_halving_promotes_the_best_and_prunes_the_rest() {
         table.contains("(best)") && table.contains("pruned"),
         "{table}"
     );
-    assert!(folder.join("search.md").is_file());
+    reads_back(work.path(), &folder, &record);
 
     // A pruned trial is a normal run: it can be resumed by hand.
     let pruned = (record.trials.iter())
@@ -90,6 +90,65 @@ fn successive_halving_promotes_the_best_and_prunes_the_rest() {
         "train.epochs=3",
     ]));
     assert_eq!(summary(&run).epochs_completed, 3);
+}
+
+/// `runs`, `compare` and `report` on a finished search: its overview and
+/// every trial's row, the leading trials' curves, and its figure.
+fn reads_back(work: &Path, folder: &Path, record: &SearchRecord) {
+    let best = &record.trials[record.best.unwrap()];
+    let markdown = std::fs::read_to_string(folder.join("search.md")).unwrap();
+    assert!(
+        markdown.contains("![tiny search](search.png)"),
+        "{markdown}"
+    );
+    assert!(markdown.contains(&format!("best trial: {}", best.name)));
+    assert_png(&folder.join("search.png"));
+
+    let listed = run_binary(&["runs", folder.to_str().unwrap()]);
+    assert_success(&listed);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains(", 11 epochs spent, metric val_acc"), "{text}");
+    assert!(
+        text.contains("optimizer.momentum") && text.contains("rung"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("tiny-t00")).count(),
+        6,
+        "a row per trial: {text}"
+    );
+
+    let output = work.join("compared");
+    let compared = run_binary(&[
+        "compare",
+        folder.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_success(&compared);
+    let table = std::fs::read_to_string(output.join("compare.md")).unwrap();
+    assert!(table.contains("![tiny search](search-tiny.png)"), "{table}");
+    // Only the trial that reached the last rung is drawn.
+    assert_eq!(table.matches("| tiny-t00").count(), 1, "{table}");
+    assert!(table.contains(&format!("| {} |", best.name)), "{table}");
+    assert_png(&output.join("search-tiny.png"));
+
+    let assets = work.join("assets");
+    std::fs::create_dir_all(&assets).unwrap();
+    let asset = |file: &str| (assets.join(file), format!("assets/{file}"));
+    let section = mnist_lab::analyze::search_report::section(work, &asset).unwrap();
+    assert!(section.starts_with("## Searches"), "{section}");
+    assert!(section.contains("(assets/search-search.png)"), "{section}");
+    assert_png(&assets.join("search-search.png"));
+}
+
+fn assert_png(path: &Path) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        bytes.starts_with(b"\x89PNG"),
+        "{} is not a PNG",
+        path.display()
+    );
 }
 
 #[test]

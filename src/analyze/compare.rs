@@ -124,13 +124,14 @@ pub fn write_groups(groups: &[SeedGroup], output_dir: &Path) -> Result<(PathBuf,
     Ok((figure, table))
 }
 
-/// Writes `compare.png` and `compare.md` into `output_dir`; returns the markdown.
-pub fn write(curves: &[Curves], output_dir: &Path) -> Result<(PathBuf, String)> {
+/// Writes `compare.png` and `compare.md` (`preamble`, then the figure and the
+/// table) into `output_dir`; returns the table's markdown.
+pub fn write(curves: &[Curves], output_dir: &Path, preamble: &str) -> Result<(PathBuf, String)> {
     std::fs::create_dir_all(output_dir).map_err(FileError::on("create", output_dir))?;
     let figure = output_dir.join(FIGURE_FILE);
     plots::write_png(&figure, &validation_charts(curves))?;
     let markdown = format!(
-        "![validation curves]({FIGURE_FILE})\n\n{}",
+        "{preamble}![validation curves]({FIGURE_FILE})\n\n{}",
         table(curves).to_markdown()
     );
     write_atomic(&output_dir.join(TABLE_FILE), markdown.as_bytes())?;

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::run::metrics::{self, EpochMetrics};
 use crate::run::rundir::{self, Summary};
 use crate::util::fsio::FileError;
-use crate::util::table::{Table, percent, thousands};
+use crate::util::table::{Table, compact, percent, thousands};
 
 /// A run directory as read back: its summary, and its config where it parses.
 #[derive(Debug, Clone)]
@@ -87,22 +87,25 @@ pub fn regularisation(config: &Config) -> String {
         parts.push(format!("{label} {decay:e}"));
     }
     if config.model.dropout > 0.0 {
-        parts.push(format!("dropout {}", config.model.dropout));
+        parts.push(format!("dropout {}", compact(config.model.dropout)));
     }
     if config.data.augment_shift > 0 {
         parts.push(format!("shift {}", config.data.augment_shift));
     }
     if config.data.augment_rotate > 0.0 {
-        parts.push(format!("rotate {}", config.data.augment_rotate));
+        parts.push(format!("rotate {}", compact(config.data.augment_rotate)));
     }
     if config.data.augment_scale > 0.0 {
-        parts.push(format!("scale {}", config.data.augment_scale));
+        parts.push(format!("scale {}", compact(config.data.augment_scale)));
     }
     if config.train.label_smoothing > 0.0 {
-        parts.push(format!("smoothing {}", config.train.label_smoothing));
+        parts.push(format!(
+            "smoothing {}",
+            compact(config.train.label_smoothing)
+        ));
     }
     if config.train.ema_decay > 0.0 {
-        parts.push(format!("EMA {}", config.train.ema_decay));
+        parts.push(format!("EMA {}", compact(config.train.ema_decay)));
     }
     if parts.is_empty() {
         "none".into()

@@ -1,5 +1,5 @@
 //! After training: reading runs back, comparing, evaluating, predicting, reporting,
-//! grouping seeds and benchmarking.
+//! grouping seeds, reporting searches and benchmarking.
 
 use std::path::PathBuf;
 
@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod markers;
 pub mod predict;
 pub mod report;
+pub mod search_report;
 pub mod seed_report;
 pub mod seeds;
 

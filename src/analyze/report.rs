@@ -1,7 +1,7 @@
 //! `mnist-lab report`: the results section of `docs/results.md` (or another
 //! markdown file), regenerated from the runs on disk: the latest completed run of each config, its curves, the confusion
-//! matrix of the best model, a discussion written from the measured figures, and
-//! the configs run with several seeds as mean and spread.
+//! matrix of the best model, a discussion written from the measured figures,
+//! the configs run with several seeds as mean and spread, and the searches.
 
 use std::path::{Path, PathBuf};
 
@@ -9,8 +9,8 @@ use crate::analyze::compare::{self, Curves};
 use crate::analyze::evaluate::{self, TrainedModel};
 use crate::analyze::inspect::{self, RunInfo};
 use crate::analyze::markers::replace_section;
-use crate::analyze::seed_report;
 use crate::analyze::{AnalyzeError, Result};
+use crate::analyze::{search_report, seed_report};
 use crate::config::{self, Config};
 use crate::run::metrics::mean_epoch_secs;
 use crate::run::rundir::{self, Status, Summary};
@@ -53,6 +53,7 @@ pub fn generate(options: &ReportOptions) -> Result<String> {
     let mut markdown = String::new();
     if curves.is_empty() {
         markdown += &seed_report::section(&chosen.over_seeds, &chosen.all, &asset)?;
+        markdown += &search_report::section(&options.runs_dir, &asset)?;
         return finish(options, &text, markdown);
     }
     markdown += &intro(&curves, &options.runs_dir);
@@ -74,6 +75,7 @@ pub fn generate(options: &ReportOptions) -> Result<String> {
     markdown += &best_model_section(&curves, &asset)?;
     markdown += &discussion(&curves);
     markdown += &seed_report::section(&chosen.over_seeds, &chosen.all, &asset)?;
+    markdown += &search_report::section(&options.runs_dir, &asset)?;
     finish(options, &text, markdown)
 }
 

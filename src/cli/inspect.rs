@@ -10,7 +10,7 @@ use crate::analyze::report::{self, ReportOptions};
 use crate::analyze::{compare, predict, seeds};
 use crate::cli::UsageError;
 use crate::config::Override;
-use crate::run::rundir;
+use crate::run::{rundir, search};
 use crate::util::table::{Table, percent};
 
 #[derive(Args)]
@@ -62,6 +62,8 @@ impl RunsArgs {
             );
         } else if runs.is_empty() {
             eprintln!("no runs in {}", self.dir.display());
+        } else if let Some(record) = self.search_view()? {
+            print!("{}{}", record.overview(), record.table().to_text());
         } else if self.group {
             print!(
                 "{}",
@@ -70,7 +72,31 @@ impl RunsArgs {
         } else {
             print!("{}", inspect::runs_table(&runs, &self.columns).to_text());
         }
+        let searches = search::find_records(&self.dir, 1);
+        let inside: Vec<String> = (searches.iter())
+            .filter(|dir| **dir != self.dir)
+            .map(|dir| dir.display().to_string())
+            .collect();
+        if !inside.is_empty() && !self.json {
+            eprintln!(
+                "searches (their trials: `mnist-lab runs DIR`): {}",
+                inside.join(", ")
+            );
+        }
         Ok(())
+    }
+
+    /// The record of the search whose folder is listed, where no flag asks
+    /// for the runs' own table: its trials' values, rungs and metrics.
+    fn search_view(&self) -> anyhow::Result<Option<search::SearchRecord>> {
+        let plain = self.columns.is_empty()
+            && self.filters.is_empty()
+            && self.sort == Sort::Column(inspect::SortKey::Started);
+        let path = self.dir.join(search::RECORD_FILE);
+        Ok(match plain && path.is_file() {
+            true => Some(search::SearchRecord::read(&path)?),
+            false => None,
+        })
     }
 }
 
@@ -91,9 +117,13 @@ impl RunsArgs {
     }
 }
 
+/// The trials of a search that `compare` draws: one colour each.
+const COMPARED_TRIALS: usize = 8;
+
 #[derive(Args)]
 pub(super) struct CompareArgs {
-    /// Run directories to compare.
+    /// Run directories to compare; a search's folder stands for its trials
+    /// that went furthest, best first (at most eight).
     #[arg(required = true, value_name = "RUN_DIR")]
     runs: Vec<PathBuf>,
     /// Where compare.png and compare.md go (default: runs/compare-<time>/).
@@ -107,19 +137,31 @@ pub(super) struct CompareArgs {
 
 impl CompareArgs {
     pub(super) fn execute(self) -> anyhow::Result<()> {
-        let runs = self
-            .runs
-            .iter()
+        let (dirs, searches) = expand_searches(&self.runs)?;
+        let runs = (dirs.iter())
             .map(|dir| inspect::RunInfo::read(dir))
             .collect::<Result<Vec<_>, _>>()?;
         let output = match self.output {
             Some(dir) => dir,
             None => crate::util::fsio::create_unique_dir(&PathBuf::from("runs"), "compare")?,
         };
+        let mut preamble = String::new();
+        for (dir, record) in &searches {
+            let file = format!("search-{}.png", record.name);
+            std::fs::create_dir_all(&output)
+                .map_err(crate::util::fsio::FileError::on("create", &output))?;
+            search::figure::write(record, dir, &output.join(&file))?;
+            print!("{}", record.overview());
+            preamble += &format!(
+                "{}![{} search]({file})\n\n",
+                record.overview_markdown(),
+                record.name
+            );
+        }
         let (figure, markdown) = if self.group {
             compare::write_groups(&seeds::seed_groups(&runs), &output)?
         } else {
-            compare::write(&compare::load(runs)?, &output)?
+            compare::write(&compare::load(runs)?, &output, &preamble)?
         };
         print!("{markdown}");
         eprintln!(
@@ -129,6 +171,34 @@ impl CompareArgs {
         );
         Ok(())
     }
+}
+
+/// A search's folder and its record.
+type SearchFolder = (PathBuf, search::SearchRecord);
+
+/// The run directories `compare` draws: each given one, or for a search's
+/// folder its trials that went furthest (best first); and the searches.
+fn expand_searches(given: &[PathBuf]) -> anyhow::Result<(Vec<PathBuf>, Vec<SearchFolder>)> {
+    let (mut dirs, mut searches) = (Vec::new(), Vec::new());
+    for dir in given {
+        let path = dir.join(search::RECORD_FILE);
+        if !path.is_file() {
+            dirs.push(dir.clone());
+            continue;
+        }
+        let record = search::SearchRecord::read(&path)?;
+        let leading = record.leading_runs(dir);
+        if leading.is_empty() {
+            let message = format!(
+                "{}: no trial of this search has a metric yet",
+                dir.display()
+            );
+            return Err(UsageError(message).into());
+        }
+        dirs.extend(leading.into_iter().take(COMPARED_TRIALS));
+        searches.push((dir.clone(), record));
+    }
+    Ok((dirs, searches))
 }
 
 #[derive(Args)]

@@ -10,7 +10,7 @@ use crate::config::{Config, Override};
 use crate::run::owner::{self, OwnerLock};
 use crate::run::search::{self, SearchPlan, SearchRecord};
 use crate::run::sweep::Shard;
-use crate::util::fsio::{FileError, read_text, write_atomic};
+use crate::util::fsio::{FileError, read_text};
 use crate::util::{device, interrupt};
 
 #[derive(Args)]
@@ -90,33 +90,20 @@ impl SearchArgs {
             dir.join(search::RECORD_FILE).display()
         );
         let tally = search::execute(&plan, &mut record, &dir)?;
-        let table = record.table();
-        print!("{}", table.to_text());
-        write_atomic(&dir.join("search.md"), table.to_markdown().as_bytes())?;
+        print!("{}", record.table().to_text());
+        search::write_readable(&record, &dir)?;
         if interrupt::stop_requested().is_some() {
             anyhow::bail!(
                 "search interrupted; `mnist-lab search --resume {}` continues it",
                 dir.display()
             );
         }
-        if let Some(best) = record
-            .best
-            .and_then(|b| record.trials.iter().find(|t| t.index == b))
-        {
-            println!(
-                "best trial: {} ({} {}), run directory {}",
-                best.name,
-                record.search.metric.name(),
-                best.metric.map_or("-".into(), |m| format!("{m:.4}")),
-                best.run_dir
-                    .as_deref()
-                    .map_or("-".into(), |d| d.display().to_string())
-            );
-        }
+        print!("{}", record.overview());
         println!(
-            "epochs spent: {}; record: {}",
-            record.epochs_spent,
-            dir.join(search::RECORD_FILE).display()
+            "record: {}; table and figure: {}, {}",
+            dir.join(search::RECORD_FILE).display(),
+            dir.join(search::TABLE_FILE).display(),
+            dir.join(search::figure::FIGURE_FILE).display()
         );
         if tally.failed > 0 {
             anyhow::bail!(

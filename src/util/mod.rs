@@ -1,5 +1,5 @@
 //! Small shared pieces every layer may use: atomic files, devices, signals,
-//! tables, plots, progress bars, logging, process facts and the allocation count.
+//! tables, plots (lines and scatters), progress bars, logging, process facts and the allocation count.
 
 pub mod alloc;
 pub mod device;
@@ -8,6 +8,7 @@ pub mod interrupt;
 pub mod invalid;
 pub mod plots;
 pub mod progress;
+pub mod scatter;
 pub mod system;
 pub mod table;
 pub mod telemetry;

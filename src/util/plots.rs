@@ -23,7 +23,7 @@ pub enum PlotError {
     File(#[from] FileError),
 }
 
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 const WIDTH: u32 = 900;
 const HEIGHT: u32 = 600;
 

@@ -96,6 +96,13 @@ fn looks_numeric(cell: &str) -> bool {
     trimmed.parse::<f64>().is_ok()
 }
 
+/// A measured or sampled number to six significant digits, shortest form:
+/// `0.11761306969782916` reads `0.117613`, `0.1` stays `0.1`.
+pub fn compact(x: f64) -> String {
+    let rounded: f64 = format!("{x:.5e}").parse().unwrap_or(x);
+    rounded.to_string()
+}
+
 /// `0.9912` as `99.12%`; `None` as `-`.
 pub fn percent(fraction: Option<f64>) -> String {
     fraction.map_or_else(|| "-".into(), |f| format!("{:.2}%", 100.0 * f))

@@ -17,15 +17,19 @@ use crate::config::search::{Metric, SearchConfig};
 use crate::config::{Config, ConfigError, Override};
 use crate::run::RunError;
 use crate::run::experiment::{self, ResumeOptions};
-use crate::run::metrics::read_metrics;
+use crate::run::metrics::{EpochMetrics, read_metrics};
 use crate::run::rundir::{self, Status};
 use crate::run::sweep::Shard;
 use crate::util::fsio::FileError;
 use crate::util::interrupt;
 
+pub mod figure;
 mod record;
 
-pub use record::{RECORD_FILE, SearchRecord, TrialEntry, TrialStatus};
+/// The trials' table, beside the record.
+pub const TABLE_FILE: &str = "search.md";
+
+pub use record::{RECORD_FILE, SearchRecord, TrialEntry, TrialStatus, find_records, value_label};
 
 /// One trial: its values and the config it trains with (at `train.epochs`).
 #[derive(Debug, Clone)]
@@ -187,6 +191,11 @@ fn promote(trials: &[TrialEntry], alive: &[usize], reduction: usize, metric: Met
 /// accuracy, or the lowest validation loss.
 pub fn metric_at(run: &Path, epochs: usize, metric: Metric) -> Option<f64> {
     let rows = read_metrics(&run.join(rundir::METRICS_FILE)).ok()?;
+    metric_within(&rows, epochs, metric)
+}
+
+/// The metric over the first `epochs` of a run's metrics rows.
+pub fn metric_within(rows: &[EpochMetrics], epochs: usize, metric: Metric) -> Option<f64> {
     let within = rows.iter().filter(|m| m.epoch <= epochs);
     match metric {
         Metric::ValAcc => within.filter_map(|m| m.val_acc).reduce(f64::max),
@@ -265,6 +274,21 @@ fn find_trial_dir(dir: &Path, name: &str) -> Option<PathBuf> {
         .collect();
     found.sort();
     found.pop().map(|(_, p)| p)
+}
+
+/// The readable files beside a search's record: `search.md` (its overview,
+/// figure and every trial's row) and `search.png` (see [`figure`]).
+pub fn write_readable(record: &SearchRecord, dir: &Path) -> Result<(), RunError> {
+    figure::write(record, dir, &dir.join(figure::FIGURE_FILE))?;
+    let markdown = format!(
+        "{}\n![{} search]({})\n\n{}",
+        record.overview_markdown(),
+        record.name,
+        figure::FIGURE_FILE,
+        record.table().to_markdown()
+    );
+    crate::util::fsio::write_atomic(&dir.join(TABLE_FILE), markdown.as_bytes())?;
+    Ok(())
 }
 
 /// The record for `plan`'s trials that `shard` runs (all without one).

@@ -11,7 +11,7 @@ use crate::run::rundir::{Status, Summary};
 use crate::run::search::{SearchPlan, Trial};
 use crate::run::sweep::Shard;
 use crate::util::fsio::{FileError, read_text, write_atomic};
-use crate::util::table::{Table, percent};
+use crate::util::table::{Table, compact, percent};
 
 pub const RECORD_FILE: &str = "search.json";
 
@@ -100,6 +100,18 @@ impl TrialEntry {
         }
     }
 
+    /// The trial's run directory as found from the search's folder `dir`:
+    /// trials train inside it, so the record's path (relative to where the
+    /// search was started) is only the fallback.
+    pub fn run_dir_in(&self, dir: &Path) -> Option<PathBuf> {
+        let recorded = self.run_dir.as_deref()?;
+        let inside = dir.join(recorded.file_name()?);
+        Some(match inside.is_dir() {
+            true => inside,
+            false => recorded.to_path_buf(),
+        })
+    }
+
     /// Takes the epochs and outcome of the trial's run.
     pub(super) fn note(&mut self, summary: &Summary) {
         self.epochs = summary.epochs_completed;
@@ -114,6 +126,38 @@ impl TrialEntry {
                 self.error = summary.error.clone();
             }
         }
+    }
+}
+
+/// The folders at most `depth` levels below `root` (itself included) that
+/// hold a search record, sorted by path.
+pub fn find_records(root: &Path, depth: usize) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if root.join(RECORD_FILE).is_file() {
+        found.push(root.to_path_buf());
+    }
+    if depth > 0
+        && let Ok(entries) = std::fs::read_dir(root)
+    {
+        let mut folders: Vec<PathBuf> = (entries.flatten())
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && !p.join(crate::run::rundir::SUMMARY_FILE).is_file())
+            .collect();
+        folders.sort();
+        for folder in folders {
+            found.extend(find_records(&folder, depth - 1));
+        }
+    }
+    found
+}
+
+/// A sampled value as tables show it: strings bare, fractions to six
+/// significant digits.
+pub fn value_label(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) if n.is_f64() => compact(n.as_f64().unwrap_or(f64::NAN)),
+        other => other.to_string(),
     }
 }
 
@@ -182,9 +226,89 @@ impl SearchRecord {
             .map(|t| t.index);
     }
 
+    /// The run directories (found from the search's folder `dir`) of the
+    /// trials that reached the furthest rung any trial reached, best first.
+    pub fn leading_runs(&self, dir: &Path) -> Vec<PathBuf> {
+        let furthest = (self.trials.iter())
+            .filter(|t| t.metric.is_some())
+            .map(|t| t.rung)
+            .max();
+        let mut leading: Vec<&TrialEntry> = (self.trials.iter())
+            .filter(|t| t.metric.is_some() && Some(t.rung) == furthest)
+            .collect();
+        let score = |t: &TrialEntry| self.search.metric.score(t.metric);
+        leading.sort_by(|a, b| score(b).total_cmp(&score(a)).then(a.index.cmp(&b.index)));
+        leading.iter().filter_map(|t| t.run_dir_in(dir)).collect()
+    }
+
+    /// The best trial, if the search has one.
+    pub fn best_trial(&self) -> Option<&TrialEntry> {
+        (self.best).and_then(|b| self.trials.iter().find(|t| t.index == b))
+    }
+
+    /// What the search is and found, in a few lines: scheduler, trials,
+    /// rungs, epochs spent, the best trial and its values.
+    pub fn overview(&self) -> String {
+        let done = (self.trials.iter())
+            .filter(|t| t.status != TrialStatus::Pending)
+            .count();
+        let mut text = format!(
+            "search {}{}: {} scheduler, {} trials ({done} trained), rungs at {:?} epochs, \
+             {} epochs spent, metric {}\n",
+            self.name,
+            self.shard
+                .as_deref()
+                .map_or(String::new(), |s| format!(" (shard {s})")),
+            format!("{:?}", self.search.scheduler).to_lowercase(),
+            self.trials.len(),
+            self.rungs,
+            self.trials.iter().map(|t| t.epochs).sum::<usize>(),
+            self.search.metric.name(),
+        );
+        match self.best_trial() {
+            Some(best) => {
+                let values: Vec<String> = (best.values.iter())
+                    .map(|(k, v)| format!("{k}={}", value_label(v)))
+                    .collect();
+                text += &format!(
+                    "best trial: {} ({} {}) with {}; run directory {}\n",
+                    best.name,
+                    self.search.metric.name(),
+                    self.shown_metric(best.metric),
+                    values.join(" "),
+                    best.run_dir
+                        .as_deref()
+                        .map_or("-".into(), |d| d.display().to_string())
+                );
+            }
+            None => text += "no best trial yet: no trial has reached the last rung\n",
+        }
+        text
+    }
+
+    /// [`Self::overview`] as markdown paragraphs.
+    pub fn overview_markdown(&self) -> String {
+        self.overview().replace('\n', "\n\n")
+    }
+
+    /// A metric as tables show it: accuracy in percent, loss to 4 decimals.
+    fn shown_metric(&self, value: Option<f64>) -> String {
+        match self.search.metric {
+            crate::config::search::Metric::ValAcc => percent(value),
+            crate::config::search::Metric::ValLoss => {
+                value.map_or("-".into(), |m| format!("{m:.4}"))
+            }
+        }
+    }
+
     /// Every trial, best first among those that went furthest: its values,
     /// rung, epochs, metric and status.
     pub fn table(&self) -> Table {
+        self.table_top(usize::MAX)
+    }
+
+    /// The first `rows` rows of [`Self::table`].
+    pub fn table_top(&self, rows: usize) -> Table {
         let keys: Vec<&String> = self.search.space.keys().collect();
         let metric = self.search.metric.name();
         let headers: Vec<&str> = ["trial"]
@@ -200,25 +324,17 @@ impl SearchRecord {
                 .then(score(b).total_cmp(&score(a)))
                 .then(a.index.cmp(&b.index))
         });
-        for trial in order {
+        for trial in order.into_iter().take(rows) {
             let mut row = vec![match self.best == Some(trial.index) {
                 true => format!("{} (best)", trial.name),
                 false => trial.name.clone(),
             }];
             for key in &keys {
-                row.push(trial.values.get(*key).map_or("-".into(), |v| match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                }));
+                row.push(trial.values.get(*key).map_or("-".into(), value_label));
             }
             row.push(trial.rung.to_string());
             row.push(trial.epochs.to_string());
-            row.push(match self.search.metric {
-                crate::config::search::Metric::ValAcc => percent(trial.metric),
-                crate::config::search::Metric::ValLoss => {
-                    trial.metric.map_or("-".into(), |m| format!("{m:.4}"))
-                }
-            });
+            row.push(self.shown_metric(trial.metric));
             row.push(trial.status.to_string());
             table.push(row);
         }
