@@ -34,11 +34,9 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 
 # What the linker needs besides the wheels: unversioned names for their
 # libraries (the wheels ship libcublas.so.13 only; the binary still records the
-# soname) and a libcuda stub in lib/stubs, where cudarc's build script looks.
-# The stub defines every driver function cudarc declares, each returning
-# CUDA_ERROR_UNKNOWN (999) should it ever be loaded instead of the driver's.
+# soname), and the libcuda stub (make_stub_libcuda, below).
 link_stub_libcuda() {
-    local lib versioned registry driver_api stubs
+    local lib versioned
     # The libraries themselves (cuBLAS alone is ~600 MB): only a build that links needs them.
     "$cuda_venv/bin/pip" install --quiet --disable-pip-version-check \
         "nvidia-cuda-nvrtc==$cuda_version" "nvidia-cublas>=13,<14" "nvidia-curand>=10.4,<11"
@@ -46,10 +44,20 @@ link_stub_libcuda() {
         versioned="$(cd "$cuda_root/lib" && ls "lib$lib.so."* | grep -E "^lib$lib\.so\.[0-9]+$" | head -n 1)"
         ln -sf "$versioned" "$cuda_root/lib/lib$lib.so"
     done
+}
+
+# The libcuda stub in lib/stubs, where cudarc's build script looks: every
+# driver function cudarc declares, each returning CUDA_ERROR_UNKNOWN (999)
+# should it ever be loaded instead of the driver's. Made whenever this file is sourced, before
+# any build: cudarc's build script lists lib/stubs for the linker only if the
+# folder exists when it first runs, and Cargo keeps that answer.
+make_stub_libcuda() {
+    local registry driver_api stubs
     registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
+    stubs="$cuda_root/lib/stubs"
+    [ -f "$stubs/libcuda.so" ] && return 0
     cargo fetch --locked --quiet
     driver_api="$(ls -d "$registry"/*/cudarc-"$(cudarc_version)"/src/driver/sys/mod.rs | head -n 1)"
-    stubs="$cuda_root/lib/stubs"
     mkdir -p "$stubs"
     grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$driver_api" | sed 's/^pub unsafe fn //' | sort -u \
         | sed 's/.*/int &(void) { return 999; }/' >"$stubs/libcuda_stub.c"
@@ -60,3 +68,5 @@ link_stub_libcuda() {
 cudarc_version() {
     awk '/^name = "cudarc"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock
 }
+
+make_stub_libcuda

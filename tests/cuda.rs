@@ -9,7 +9,8 @@
 
 use candle_core::{Device, Tensor};
 use mnist_lab::config::Config;
-use mnist_lab::model::{ModelKind, kernels};
+use mnist_lab::kernels;
+use mnist_lab::model::ModelKind;
 use mnist_lab::train::optim::OptimizerKind;
 use mnist_lab::train::{self, Trainer};
 use rand::{Rng, SeedableRng};
@@ -301,4 +302,77 @@ fn byte_images_decode_alike_on_both_devices() {
         .collect();
     assert_eq!(decoded[0].0, decoded[1].0, "plain gather");
     assert_eq!(decoded[0].1, decoded[1].1, "shifted gather");
+}
+
+/// Our CUDA kernels are in use on the GPU (a build that fell back to Candle's
+/// ops fails here), and the cross-entropy kernel gives the CPU kernel's loss
+/// and gradient; the CPU's exp and log are not CUDA's, so within an ulp or so.
+#[test]
+fn our_cross_entropy_kernel_runs_on_the_gpu_like_the_cpus() {
+    let Some(gpu) = gpu() else { return };
+    assert!(
+        kernels::gpu_enabled(&gpu),
+        "the cuda build does not run its own kernels on {gpu:?}"
+    );
+    for rows in [1, 64, 1000] {
+        let logits = (random(&[rows, 10], rows as u64, &Device::Cpu) * 7.0).unwrap();
+        let labels: Vec<u32> = (0..rows as u32).map(|i| i * 3 % 10).collect();
+        let labels = Tensor::from_vec(labels, rows, &Device::Cpu).unwrap();
+        let grads = |device: &Device| {
+            let logits = candle_core::Var::from_tensor(&logits.to_device(device).unwrap()).unwrap();
+            let labels = labels.to_device(device).unwrap();
+            let loss = kernels::cross_entropy(&logits, &labels).unwrap();
+            let grad = (&loss * 2.0).unwrap().backward().unwrap();
+            let grad = grad.get(&logits).unwrap().to_device(&Device::Cpu).unwrap();
+            (loss.to_device(&Device::Cpu).unwrap(), grad)
+        };
+        let (cpu_loss, cpu_grad) = grads(&Device::Cpu);
+        let (gpu_loss, gpu_grad) = grads(&gpu);
+        let (a, b) = (
+            cpu_loss.to_scalar::<f32>().unwrap(),
+            gpu_loss.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-6 * (1.0 + a.abs()),
+            "{rows} rows: loss {a} on the CPU, {b} on the GPU"
+        );
+        let d = max_difference(&cpu_grad, &gpu_grad);
+        assert!(d < 1e-7, "{rows} rows: gradients differ by {d}");
+    }
+}
+
+/// SGD's update on the GPU (momentum buffer and step, Nesterov and L2) gives
+/// the CPU's weights to the bit: same gradients, same rounding.
+#[test]
+fn our_sgd_kernels_give_the_cpus_bits() {
+    let Some(gpu) = gpu() else { return };
+    let config = mnist_lab::train::optim::OptimizerConfig {
+        nesterov: true,
+        weight_decay: 5e-4,
+        ..Default::default()
+    };
+    let target = random(&[3001], 5, &Device::Cpu);
+    let weights = |device: &Device| {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device);
+        let w = vb
+            .get_with_hints(3001, "w", candle_nn::Init::Const(1.0))
+            .unwrap();
+        let target = target.to_device(device).unwrap();
+        let mut optimizer = mnist_lab::train::optim::Optimizer::new(&config, &varmap);
+        for step in 0..3 {
+            let loss = ((&w - &target).unwrap().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+            optimizer
+                .step(&loss.backward().unwrap(), 0.05 / (1 + step) as f64)
+                .unwrap();
+        }
+        on_host(&w)
+    };
+    let (cpu, cuda) = (weights(&Device::Cpu), weights(&gpu));
+    let differing = cpu
+        .iter()
+        .zip(&cuda)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differing, 0, "{differing} of {} weights differ", cpu.len());
 }

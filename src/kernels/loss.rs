@@ -1,7 +1,7 @@
 //! Mean cross-entropy of logits against integer labels, as one op: a stable
 //! log-sum-exp per row forward, `(softmax - one_hot) / n` backward.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{f32_data, output_buffer};
 
@@ -55,6 +55,17 @@ impl CustomOp2 for CrossEntropy {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        zs: &candle_core::CudaStorage,
+        zl: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::gpu::ops::cross_entropy_loss(zs, zl, ys, yl)
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -62,18 +73,18 @@ impl CustomOp2 for CrossEntropy {
         _loss: &Tensor,
         grad_loss: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let scale = grad_loss.to_scalar::<f32>()? / logits.dim(0)? as f32;
-        let grad = logits.apply_op2_no_bwd(labels, &CrossEntropyGrad { scale })?;
+        // The incoming gradient stays a tensor: on a GPU, reading it here
+        // would wait for the device at every step.
+        let grad = logits.apply_op3_no_bwd(labels, &grad_loss.contiguous()?, &CrossEntropyGrad)?;
         Ok((Some(grad), None))
     }
 }
 
-/// `scale * (softmax(z) - one_hot(y))`, from (logits, labels).
-struct CrossEntropyGrad {
-    scale: f32,
-}
+/// `scale * (softmax(z) - one_hot(y))` from (logits, labels, the loss's
+/// gradient g), with `scale = g / rows`.
+struct CrossEntropyGrad;
 
-impl CustomOp2 for CrossEntropyGrad {
+impl CustomOp3 for CrossEntropyGrad {
     fn name(&self) -> &'static str {
         "mnist-lab-cross-entropy-grad"
     }
@@ -84,10 +95,13 @@ impl CustomOp2 for CrossEntropyGrad {
         zl: &Layout,
         ys: &CpuStorage,
         yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, classes) = zl.shape().dims2()?;
+        let (rows, classes) = zl.shape().dims2()?;
         let z = f32_data(zs, zl, self.name())?;
         let labels = labels(ys, yl, classes)?;
+        let scale = f32_data(gs, gl, self.name())?[0] / rows as f32;
         let mut grad = output_buffer(z.len());
         for ((out, row), &label) in grad
             .chunks_exact_mut(classes)
@@ -101,11 +115,24 @@ impl CustomOp2 for CrossEntropyGrad {
                 sum += *o;
             }
             for o in out.iter_mut() {
-                *o *= self.scale / sum;
+                *o *= scale / sum;
             }
-            out[label] -= self.scale;
+            out[label] -= scale;
         }
         Ok((CpuStorage::F32(grad), zl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        zs: &candle_core::CudaStorage,
+        zl: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::gpu::ops::cross_entropy_grad((zs, zl), (ys, yl), (gs, gl))
     }
 }
 

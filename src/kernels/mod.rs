@@ -11,8 +11,9 @@
 //! ([`on_training_thread`]) and evaluation ([`map_on_both_threads`]) run on
 //! the same two threads.
 //!
-//! [`conv2d`], [`linear`] and [`cross_entropy`] fall back to Candle's ops off
-//! the CPU (CUDA); [`activation`] and [`fused_layer`] are CPU-only and models choose
+//! On CUDA, [`cross_entropy`] and SGD's update run our own kernels (`gpu`:
+//! CUDA C compiled to PTX, the same ops' `cuda_fwd`); [`conv2d`] and
+//! [`linear`] fall back to Candle's ops off the CPU; [`activation`] and [`fused_layer`] are CPU-only and models choose
 //! [`max_pool2x2`] and Candle's BatchNorm and tanh elsewhere. Where [`enabled`]
 //! says no (other devices, or `MNIST_LAB_CANDLE_OPS=1` on the CPU) the models
 //! take that Candle path.
@@ -27,6 +28,7 @@ mod activation;
 mod block;
 mod conv;
 mod fused_layer;
+pub mod gpu;
 mod halves;
 mod linear;
 mod loss;
@@ -52,6 +54,14 @@ pub use halves::run as run_halves_with;
 /// it or to compare against.
 pub fn enabled(device: &Device) -> bool {
     device.is_cpu() && !candle_ops_requested()
+}
+
+/// Whether our CUDA kernels (`gpu`) run on `device`: a CUDA device in a build
+/// with the `cuda` feature, unless Candle's ops were asked for
+/// (`MNIST_LAB_CANDLE_OPS=1`, the reference). So far the loss and SGD's
+/// update run there; the layers take Candle's ops.
+pub fn gpu_enabled(device: &Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda() && !candle_ops_requested()
 }
 
 const UNSET: u8 = u8::MAX;
@@ -329,7 +339,7 @@ impl candle_core::InplaceOp2 for AddAssign {
 
 /// Mean cross-entropy of `logits` `(n, classes)` against u32 `labels` `(n,)`.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    if enabled(logits.device()) {
+    if enabled(logits.device()) || gpu_enabled(logits.device()) {
         logits
             .contiguous()?
             .apply_op2(&labels.contiguous()?, CrossEntropy)

@@ -160,7 +160,8 @@ impl Optimizer {
             } else {
                 &no_decay
             };
-            if config.kind == OptimizerKind::Sgd && kernels::enabled(var.device()) {
+            let own_kernels = kernels::enabled(var.device()) || kernels::gpu_enabled(var.device());
+            if config.kind == OptimizerKind::Sgd && own_kernels {
                 // Reads the gradient in place: no tensor is built from it.
                 sgd_in_place(config, var.as_tensor(), grad, state, lr)?;
                 continue;

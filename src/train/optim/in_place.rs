@@ -51,6 +51,16 @@ struct SgdUpdate {
 }
 
 impl SgdUpdate {
+    /// The factors the GPU kernels take: the same f32 values.
+    #[cfg(feature = "cuda")]
+    fn gpu_factors(&self) -> crate::kernels::gpu::launch::SgdFactors {
+        crate::kernels::gpu::launch::SgdFactors {
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+        }
+    }
+
     /// The gradient with L2 added.
     #[inline(always)]
     fn decayed(&self, grad: f32, param: f32) -> f32 {
@@ -92,6 +102,20 @@ impl InplaceOp3 for SgdUpdate {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &mut candle_core::CudaStorage,
+        pl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        let factors = self.gpu_factors();
+        crate::kernels::gpu::ops::sgd_step(factors, self.nesterov, (ps, pl), (gs, gl), (bs, bl))
+    }
 }
 
 /// The momentum buffer's update in place from (gradient, parameter):
@@ -132,6 +156,20 @@ impl InplaceOp3 for MomentumUpdate {
             };
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        bs: &mut candle_core::CudaStorage,
+        bl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<()> {
+        let factors = self.update.gpu_factors();
+        crate::kernels::gpu::ops::sgd_momentum(factors, self.first, (bs, bl), (gs, gl), (ps, pl))
     }
 }
 

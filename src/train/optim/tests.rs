@@ -171,3 +171,68 @@ fn adamw_decouples_weight_decay() {
     };
     assert!(close(&run(config, 1, 0.01), &[0.99]));
 }
+
+/// The GPU's `adam_step`, as its factors and order of rounding give it
+/// (`kernels::gpu::launch::AdamFactors`), makes the CPU's update to the bit,
+/// moments included, for Adam and AdamW, with and without decay, over steps.
+#[test]
+fn the_gpu_adam_kernels_arithmetic_is_the_cpus() {
+    use crate::kernels::gpu::launch::{AdamFactors, AdamSettings};
+    use crate::kernels::testing::random;
+    for (kind, weight_decay) in [
+        (OptimizerKind::Adam, 0.0),
+        (OptimizerKind::Adam, 5e-4),
+        (OptimizerKind::Adamw, 0.05),
+    ] {
+        let config = OptimizerConfig {
+            kind,
+            weight_decay,
+            ..Default::default()
+        };
+        let (mut param, mut state) = (random(&[257], 1), State::Empty);
+        let mut gpu_param = param.to_vec1::<f32>().unwrap();
+        let mut gpu_moments: Option<Vec<(f32, f32)>> = None;
+        for step in 1..=4u64 {
+            let grad = random(&[257], 10 + step);
+            let lr = 0.003 * step as f64;
+            param = adam(&config, &param, &grad, &mut state, lr, step).unwrap();
+            let factors = AdamFactors::new(&AdamSettings {
+                lr,
+                beta1: config.beta1,
+                beta2: config.beta2,
+                eps: config.eps,
+                weight_decay,
+                decoupled: kind.decouples_weight_decay(),
+                step,
+            });
+            let grads = grad.to_vec1::<f32>().unwrap();
+            let mut moments = Vec::new();
+            for (i, p) in gpu_param.iter_mut().enumerate() {
+                let before = gpu_moments.as_ref().map(|m| m[i]);
+                let (updated, m, v) = factors.apply(*p, grads[i], before);
+                *p = updated;
+                moments.push((m, v));
+            }
+            gpu_moments = Some(moments);
+            let cpu = param.to_vec1::<f32>().unwrap();
+            let same = cpu
+                .iter()
+                .zip(&gpu_param)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{kind:?} decay {weight_decay} step {step}");
+        }
+        let State::Moments { first, second } = &state else {
+            panic!("Adam keeps moments");
+        };
+        let (first, second) = (
+            first.to_vec1::<f32>().unwrap(),
+            second.to_vec1::<f32>().unwrap(),
+        );
+        for (i, (m, v)) in gpu_moments.unwrap().into_iter().enumerate() {
+            assert_eq!(
+                (m.to_bits(), v.to_bits()),
+                (first[i].to_bits(), second[i].to_bits())
+            );
+        }
+    }
+}
